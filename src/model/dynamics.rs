@@ -1,0 +1,234 @@
+//! The latent dynamics f, evaluated on all S samples at once (ALGORITHM.md section 2).
+//!
+//! Weights are stored in files in PyTorch's (out x in) layout and kept here transposed
+//! (in x out), so that samples-as-rows times weights is a plain row-major product.
+
+use super::card::DynamicsKind;
+use super::file::ModelFile;
+use crate::math::fast;
+use crate::math::gemm::{gemm, MatRef};
+
+/// Weightless RMSNorm epsilon (XFADS).
+const RMS_EPS: f32 = 1e-5;
+
+#[derive(Clone, Debug)]
+enum Net {
+    /// f(z) = A z + a.
+    Linear { at: Vec<f32>, a: Vec<f32> },
+    /// g(z) = W2 tanh(W1 z + b1) + b2; mlp: f = z + g(z); node: f = RK4 flow of g.
+    Mlp { w1t: Vec<f32>, b1: Vec<f32>, w2t: Vec<f32>, b2: Vec<f32> },
+    /// XFADS GRU cell with no input; the r and u biases are pre-summed (b_i + b_h).
+    Gru {
+        wzh_t: Vec<f32>,
+        bzh: Vec<f32>,
+        whh_t: Vec<f32>,
+        b_r: Vec<f32>,
+        b_u: Vec<f32>,
+        b_in: Vec<f32>,
+        b_hn: Vec<f32>,
+        wout_t: Vec<f32>,
+        bout: Vec<f32>,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Dynamics {
+    pub kind: DynamicsKind,
+    pub latents: usize,
+    pub hidden: usize,
+    pub rmsnorm: bool,
+    pub substeps: usize,
+    net: Net,
+}
+
+/// Preallocated buffers for `apply` at a fixed number of samples.
+#[derive(Clone, Debug)]
+pub struct Scratch {
+    samples: usize,
+    hid: Vec<f32>,
+    gates: Vec<f32>,
+    tmp: Vec<f32>,
+    kc: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = w[i * cols + j];
+        }
+    }
+    t
+}
+
+/// Adds `b` to every row of the row-major `rows x b.len()` matrix `x`.
+pub fn add_row(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        for (v, bi) in row.iter_mut().zip(b) {
+            *v += bi;
+        }
+    }
+}
+
+impl Dynamics {
+    /// Compiles the `dynamics.*` tensors of `f`.
+    pub fn from_file(
+        f: &ModelFile,
+        kind: DynamicsKind,
+        l: usize,
+        h: usize,
+        rmsnorm: bool,
+        substeps: usize,
+    ) -> Result<Self, String> {
+        let net = match kind {
+            DynamicsKind::Linear => Net::Linear {
+                at: transpose(f.get("dynamics.a", &[l, l], "A, L x L")?, l, l),
+                a: f.get("dynamics.b", &[l], "a, L")?.to_vec(),
+            },
+            DynamicsKind::Mlp | DynamicsKind::Node => Net::Mlp {
+                w1t: transpose(f.get("dynamics.w1", &[h, l], "W1, H x L")?, h, l),
+                b1: f.get("dynamics.b1", &[h], "b1, H")?.to_vec(),
+                w2t: transpose(f.get("dynamics.w2", &[l, h], "W2, L x H")?, l, h),
+                b2: f.get("dynamics.b2", &[l], "b2, L")?.to_vec(),
+            },
+            DynamicsKind::Gru => {
+                let b_ih = f.get("dynamics.b_ih", &[3 * h], "GRU input biases [r,u,n], 3H")?;
+                let b_hh = f.get("dynamics.b_hh", &[3 * h], "GRU hidden biases [r,u,n], 3H")?;
+                let sum = |g: usize| (0..h).map(|i| b_ih[g * h + i] + b_hh[g * h + i]).collect();
+                Net::Gru {
+                    wzh_t: transpose(f.get("dynamics.w_zh", &[h, l], "W_zh, H x L")?, h, l),
+                    bzh: f.get("dynamics.b_zh", &[h], "b_zh, H")?.to_vec(),
+                    whh_t: transpose(f.get("dynamics.w_hh", &[3 * h, h], "W_hh [r,u,n], 3H x H")?, 3 * h, h),
+                    b_r: sum(0),
+                    b_u: sum(1),
+                    b_in: b_ih[2 * h..].to_vec(),
+                    b_hn: b_hh[2 * h..].to_vec(),
+                    wout_t: transpose(f.get("dynamics.w_out", &[l, h], "W_out, L x H")?, l, h),
+                    bout: f.get("dynamics.b_out", &[l], "b_out, L")?.to_vec(),
+                }
+            }
+        };
+        Ok(Dynamics { kind, latents: l, hidden: h, rmsnorm, substeps: substeps.max(1), net })
+    }
+
+    pub fn scratch(&self, samples: usize) -> Scratch {
+        let (s, l, h) = (samples, self.latents, self.hidden);
+        let node = self.kind == DynamicsKind::Node;
+        Scratch {
+            samples,
+            hid: vec![0.0; s * h],
+            gates: vec![0.0; if self.kind == DynamicsKind::Gru { s * 3 * h } else { 0 }],
+            tmp: vec![0.0; if node { s * l } else { 0 }],
+            kc: vec![0.0; if node { s * l } else { 0 }],
+            acc: vec![0.0; if node { s * l } else { 0 }],
+        }
+    }
+
+    /// out = f(z) row-wise, z and out `S x L` with S = the scratch's sample count.
+    pub fn apply(&self, z: &[f32], out: &mut [f32], scr: &mut Scratch) {
+        let (s, l, h) = (scr.samples, self.latents, self.hidden);
+        let (z, out) = (&z[..s * l], &mut out[..s * l]);
+        match &self.net {
+            Net::Linear { at, a } => {
+                gemm(out, l, MatRef::new(z, s, l), MatRef::new(at, l, l), 1.0, false);
+                add_row(out, a);
+            }
+            Net::Mlp { w1t, b1, w2t, b2 } => {
+                if self.kind == DynamicsKind::Mlp {
+                    out.copy_from_slice(z);
+                    mlp_field(z, out, true, s, l, h, w1t, b1, w2t, b2, &mut scr.hid);
+                } else {
+                    self.rk4(z, out, scr, w1t, b1, w2t, b2);
+                }
+            }
+            Net::Gru { wzh_t, bzh, whh_t, b_r, b_u, b_in, b_hn, wout_t, bout } => {
+                let hin = &mut scr.hid;
+                gemm(hin, h, MatRef::new(z, s, l), MatRef::new(wzh_t, l, h), 1.0, false);
+                add_row(hin, bzh);
+                let g = &mut scr.gates;
+                gemm(g, 3 * h, MatRef::new(hin, s, h), MatRef::new(whh_t, h, 3 * h), 1.0, false);
+                for (hrow, grow) in hin.chunks_exact_mut(h).zip(g.chunks_exact(3 * h)) {
+                    let (gr, rest) = grow.split_at(h);
+                    let (gu, gn) = rest.split_at(h);
+                    for i in 0..h {
+                        let r = fast::sigmoid(b_r[i] + gr[i]);
+                        let u = fast::sigmoid(b_u[i] + gu[i]);
+                        let n = fast::tanh(r.mul_add(gn[i] + b_hn[i], b_in[i]));
+                        hrow[i] = u.mul_add(hrow[i] - n, n);
+                    }
+                }
+                gemm(out, l, MatRef::new(hin, s, h), MatRef::new(wout_t, h, l), 1.0, false);
+                add_row(out, bout);
+            }
+        }
+        if self.rmsnorm {
+            for row in out.chunks_exact_mut(l) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / l as f32;
+                let inv = 1.0 / (ms + RMS_EPS).sqrt();
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+
+    /// Fixed-step RK4 of dz/dt = g(z) over one bin (time unit: one bin) in `substeps` steps.
+    #[allow(clippy::too_many_arguments)]
+    fn rk4(&self, z: &[f32], out: &mut [f32], scr: &mut Scratch, w1t: &[f32], b1: &[f32], w2t: &[f32], b2: &[f32]) {
+        let (s, l, h) = (scr.samples, self.latents, self.hidden);
+        let dt = 1.0 / self.substeps as f32;
+        out.copy_from_slice(z);
+        let Scratch { hid, tmp, kc, acc, .. } = scr;
+        for _ in 0..self.substeps {
+            mlp_field(out, acc, false, s, l, h, w1t, b1, w2t, b2, hid); // k1
+            for i in 0..s * l {
+                tmp[i] = (0.5 * dt).mul_add(acc[i], out[i]);
+            }
+            // k2 then k3; acc collects k1 + 2 k2 + 2 k3, tmp the next stage's point.
+            for c in [0.5 * dt, dt] {
+                mlp_field(tmp, kc, false, s, l, h, w1t, b1, w2t, b2, hid);
+                for i in 0..s * l {
+                    acc[i] = 2.0f32.mul_add(kc[i], acc[i]);
+                    tmp[i] = c.mul_add(kc[i], out[i]);
+                }
+            }
+            mlp_field(tmp, kc, false, s, l, h, w1t, b1, w2t, b2, hid); // k4
+            for i in 0..s * l {
+                out[i] = (dt / 6.0).mul_add(acc[i] + kc[i], out[i]);
+            }
+        }
+    }
+
+    /// One line for logs and bench labels.
+    pub fn describe(&self) -> String {
+        let rms = if self.rmsnorm { " + RMSNorm" } else { "" };
+        match self.kind {
+            DynamicsKind::Node => format!("node L={} H={} RK4 x{}{rms}", self.latents, self.hidden, self.substeps),
+            k => format!("{k} L={} H={}{rms}", self.latents, self.hidden),
+        }
+    }
+}
+
+/// out (+)= W2 tanh(W1 z + b1) + b2 for all S rows (accumulates into `out` when asked).
+#[allow(clippy::too_many_arguments)]
+fn mlp_field(
+    z: &[f32],
+    out: &mut [f32],
+    accumulate: bool,
+    s: usize,
+    l: usize,
+    h: usize,
+    w1t: &[f32],
+    b1: &[f32],
+    w2t: &[f32],
+    b2: &[f32],
+    hid: &mut [f32],
+) {
+    gemm(hid, h, MatRef::new(z, s, l), MatRef::new(w1t, l, h), 1.0, false);
+    for row in hid.chunks_exact_mut(h) {
+        for (v, b) in row.iter_mut().zip(b1) {
+            *v = fast::tanh(*v + b);
+        }
+    }
+    gemm(out, l, MatRef::new(hid, s, h), MatRef::new(w2t, h, l), 1.0, accumulate);
+    add_row(out, b2);
+}
