@@ -1,10 +1,24 @@
 //! latentloop: a real-time closed-loop neural decoder.
 //!
 //! Data flow of one bin: acquire -> bin -> filter -> output. See docs/ARCHITECTURE.md.
+//!
+//! - [`filter`]: the causal XFADS filter step (where a bin is decoded);
+//! - [`kalman`]: the classic Kalman-filter BCI decoder;
+//! - [`decoder`]: the per-bin interface both implement;
+//! - [`model`]: model files and the compiled models;
+//! - [`fit`]: least squares, the Kalman fit, training;
+//! - [`sim`]: synthetic rigs; [`data`]: .npz sessions; [`metrics`]: accuracy measures;
+//! - [`math`]: the allocation-free numerical kernels.
 
+pub mod data;
+pub mod decoder;
 pub mod error;
 pub mod filter;
+pub mod fit;
+pub mod kalman;
 pub mod math;
+pub mod metrics;
 pub mod model;
+pub mod sim;
 
 pub use error::{Error, Result};

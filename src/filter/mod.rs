@@ -16,6 +16,7 @@
 //! Hot-path rules: `predict` and `update` allocate nothing, lock nothing and make no system
 //! call; all buffers are sized in `new`.
 
+use crate::decoder::{validate_bin, BinError, Decoder, StepInfo};
 use crate::math::chol;
 use crate::math::gemm::{gemm, gemv, gemv_t, MatRef};
 use crate::math::philox::{Normals, Purpose};
@@ -29,29 +30,6 @@ pub struct FilterOptions {
     pub samples: Option<usize>,
     /// Seed of the filter's noise (Philox key).
     pub seed: u64,
-}
-
-/// Why a bin was refused. The filter state is untouched by a refused bin.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-pub enum BinError {
-    #[error("bin has {got} channels, the model expects {want}")]
-    WrongLength { got: usize, want: usize },
-    #[error("channel {channel} is not finite ({value})")]
-    NonFinite { channel: usize, value: f32 },
-}
-
-/// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepInfo {
-    /// The bin index this step decoded (0 for the first bin).
-    pub step: u64,
-    /// No data: m_f = m_p and the samples are predictive draws.
-    pub predict_only: bool,
-    /// The update's linear algebra broke down (non-finite potential); the state was reset to
-    /// the prior and this bin is predict-only.
-    pub reset: bool,
-    /// KL(q_t || predictive), in nats: how surprising the bin was.
-    pub kl: f32,
 }
 
 pub struct Filter {
@@ -217,22 +195,10 @@ impl Filter {
         self.predicted = true;
     }
 
-    /// Checks a bin without touching the state.
-    pub fn validate(&self, y: &[f32]) -> Result<(), BinError> {
-        let want = self.model.channels();
-        if y.len() != want {
-            return Err(BinError::WrongLength { got: y.len(), want });
-        }
-        match y.iter().position(|v| !v.is_finite()) {
-            Some(channel) => Err(BinError::NonFinite { channel, value: y[channel] }),
-            None => Ok(()),
-        }
-    }
-
     /// Decodes one bin (`None`: no data, a predict-only step).
     pub fn step(&mut self, y: Option<&[f32]>) -> Result<StepInfo, BinError> {
         if let Some(y) = y {
-            self.validate(y)?;
+            validate_bin(y, self.model.channels())?;
         }
         self.predict();
         let t = self.step;
@@ -366,5 +332,35 @@ impl Filter {
         let ld = chol::logdet(&self.a, r);
         let quad: f32 = self.m.iter().zip(&self.mp).zip(&self.g).map(|((mf, mp), g)| (mf - mp) * g).sum();
         0.5 * (tr - r as f32 + ld + quad)
+    }
+}
+
+impl Decoder for Filter {
+    fn channels(&self) -> usize {
+        self.model.channels()
+    }
+    fn latents(&self) -> usize {
+        self.l
+    }
+    fn behavior_dims(&self) -> usize {
+        self.behavior.len()
+    }
+    fn predict(&mut self) {
+        Filter::predict(self)
+    }
+    fn step(&mut self, y: Option<&[f32]>) -> Result<StepInfo, BinError> {
+        Filter::step(self, y)
+    }
+    fn behavior(&self) -> &[f32] {
+        &self.behavior
+    }
+    fn mean(&self) -> &[f32] {
+        &self.m
+    }
+    fn lag1_mean(&self) -> &[f32] {
+        &self.lag1
+    }
+    fn reset(&mut self) {
+        Filter::reset(self)
     }
 }

@@ -1,0 +1,1 @@
+//! NumPy .npz reading and writing (placeholder: being written).
