@@ -67,7 +67,10 @@ pub struct Filter {
     v: Vec<f32>,
     lag1: Vec<f32>,
     behavior: Vec<f32>,
-    chol_col: Vec<f32>,
+    rhs: Vec<f32>,
+    linv: Vec<f32>,
+    ainv: Vec<f32>,
+    xs: Vec<f32>,
 
     dyn_scr: dynamics::Scratch,
     obs_scr: observation::Scratch,
@@ -110,7 +113,10 @@ impl Filter {
             v: v(s * r),
             lag1: model.m0.clone(),
             behavior: v(dd),
-            chol_col: v(r),
+            rhs: v(r),
+            linv: v(r * r),
+            ainv: v(r * r),
+            xs: v(s * r),
             dyn_scr: model.dynamics.scratch(s),
             obs_scr: model.observation.scratch(),
             model,
@@ -280,12 +286,14 @@ impl Filter {
         for i in 0..l {
             self.ph[i] += self.mp[i] + sqrt_q[i] * sqrt_q[i] * k[i];
         }
-        // c = A^-1 K^T P_p h.
-        gemv_t(&mut self.c, kmat, l, r, &self.ph, 1.0, false);
+        // A^-1 once (r^3): then c = A^-1 K^T P_p h and the S draws below are products.
         if chol::cholesky(&mut self.a, r).is_err() {
             return false;
         }
-        chol::cho_solve(&self.a, r, &mut self.c);
+        chol::lower_inverse(&self.a, r, &mut self.linv);
+        chol::inverse_from_lower_inverse(&self.linv, r, &mut self.ainv);
+        gemv_t(&mut self.rhs, kmat, l, r, &self.ph, 1.0, false);
+        gemv(&mut self.c, &self.ainv, r, r, &self.rhs, 1.0, false);
         // m_f = P_p h - (K^T P_p)^T c;  g = P_p^-1 (m_f - m_p) = k - K c.
         self.mf.copy_from_slice(&self.ph);
         gemv_t(&mut self.mf, &self.ktpp, r, l, &self.c, -1.0, true);
@@ -313,10 +321,8 @@ impl Filter {
         // Exact posterior draws: z_s = m_f + e_s - P_p K A^-1 (K^T e_s + w_s).
         self.noise.fill_rows(self.step, Purpose::Update, &mut self.v, r);
         gemm(&mut self.v, r, MatRef::new(&self.e, s, l), kref, 1.0, true);
-        for row in self.v.chunks_exact_mut(r) {
-            chol::cho_solve(&self.a, r, row);
-        }
-        gemm(&mut self.e, l, MatRef::new(&self.v, s, r), MatRef::new(&self.ktpp, r, l), -1.0, true);
+        gemm(&mut self.xs, r, MatRef::new(&self.v, s, r), MatRef::new(&self.ainv, r, r), 1.0, false);
+        gemm(&mut self.e, l, MatRef::new(&self.xs, s, r), MatRef::new(&self.ktpp, r, l), -1.0, true);
         for row in self.e.chunks_exact_mut(l) {
             row.iter_mut().zip(&self.mf).for_each(|(x, m)| *x += m);
         }
@@ -325,10 +331,10 @@ impl Filter {
         true
     }
 
-    /// KL(q_t || predictive) from the last update's A (factored) and g.
-    fn kl_value(&mut self) -> f32 {
+    /// KL(q_t || predictive) from the last update's A (factored), L^-1 and g.
+    fn kl_value(&self) -> f32 {
         let r = self.r;
-        let tr = chol::trace_inv(&self.a, r, &mut self.chol_col);
+        let tr: f32 = self.linv.iter().map(|x| x * x).sum(); // tr A^-1 = ||L^-1||_F^2
         let ld = chol::logdet(&self.a, r);
         let quad: f32 = self.m.iter().zip(&self.mp).zip(&self.g).map(|((mf, mp), g)| (mf - mp) * g).sum();
         0.5 * (tr - r as f32 + ld + quad)

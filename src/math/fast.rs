@@ -90,8 +90,8 @@ pub fn ln(u: f32) -> f32 {
 /// reduction), then Taylor series on [-pi/4, pi/4] (truncation < 2e-9).
 #[inline(always)]
 pub fn sincos_2pi(u: f32) -> (f32, f32) {
+    // The quadrant stays a float: Rust's saturating f32 -> i32 cast is scalar code.
     let qf = (4.0 * u + 0.5).floor();
-    let q = qf as i32 & 3;
     let x = (u - 0.25 * qf) * std::f32::consts::TAU;
     let x2 = x * x;
     let mut s = 1.0f32 / 362_880.0;
@@ -105,10 +105,11 @@ pub fn sincos_2pi(u: f32) -> (f32, f32) {
     c = c.mul_add(x2, 1.0 / 24.0);
     c = c.mul_add(x2, -0.5);
     c = c.mul_add(x2, 1.0);
-    // Rotate by q quarter turns.
-    let (cs, sn) = if q & 1 == 1 { (s, c) } else { (c, s) };
-    let cos_neg = q == 1 || q == 2;
-    let sin_neg = q >= 2;
+    // Rotate by q = qf mod 4 quarter turns.
+    let q = qf - 4.0 * (0.25 * qf).floor();
+    let (cs, sn) = if q == 1.0 || q == 3.0 { (s, c) } else { (c, s) };
+    let cos_neg = q == 1.0 || q == 2.0;
+    let sin_neg = q >= 2.0;
     (if cos_neg { -cs } else { cs }, if sin_neg { -sn } else { sn })
 }
 

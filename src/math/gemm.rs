@@ -141,6 +141,10 @@ pub fn gemv_t(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alp
 /// Dot product with eight independent partial sums, so it vectorises.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
+    if a.len() < 16 {
+        // Short rows (r-sized): the chunked form's set-up would cost more than the work.
+        return a.iter().zip(b).fold(0.0, |s, (x, y)| x.mul_add(*y, s));
+    }
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -5,6 +5,7 @@
 
 use super::card::DynamicsKind;
 use super::file::ModelFile;
+use super::observation::transpose;
 use crate::math::fast;
 use crate::math::gemm::{gemm, MatRef};
 
@@ -50,16 +51,6 @@ pub struct Scratch {
     tmp: Vec<f32>,
     kc: Vec<f32>,
     acc: Vec<f32>,
-}
-
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; w.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            t[j * rows + i] = w[i * cols + j];
-        }
-    }
-    t
 }
 
 /// Adds `b` to every row of the row-major `rows x b.len()` matrix `x`.

@@ -6,6 +6,17 @@ use super::file::ModelFile;
 use crate::math::fast;
 use crate::math::gemm::{gemv, gemv_t};
 
+/// `w` (rows x cols, row-major) transposed.
+pub(crate) fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; w.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = w[i * cols + j];
+        }
+    }
+    t
+}
+
 /// y | z. Rates are expected counts per bin.
 #[derive(Clone, Debug)]
 pub enum Readout {
@@ -80,7 +91,9 @@ impl Readout {
 #[derive(Clone, Debug)]
 pub enum Observation {
     /// XFADS local encoder: out = W2 silu(W1 y + b1) + b2, k = out[:L], K = out[L:] (L x r).
-    Encoder { r: usize, he: usize, w1t: Vec<f32>, b1: Vec<f32>, w2: Vec<f32>, b2: Vec<f32> },
+    /// Both weights are kept transposed: products become sums of scaled rows (no horizontal
+    /// sums), and W1's rows for silent channels are skipped.
+    Encoder { r: usize, he: usize, w1t: Vec<f32>, b1: Vec<f32>, w2t: Vec<f32>, b2: Vec<f32> },
     /// Exact linear-Gaussian: k = C^T R^-1 (y - b), K = C^T R^-1/2 (constant).
     Gaussian { c: Vec<f32>, b: Vec<f32>, rinv: Vec<f32>, kfix: Vec<f32> },
     /// Point-process (Laplace at the predicted mean).
@@ -107,18 +120,13 @@ impl Observation {
         Ok(match (kind, readout) {
             (UpdateKind::Encoder, _) => {
                 let w1 = f.get("encoder.w1", &[he, n], "encoder W1, H_enc x N")?;
-                let mut w1t = vec![0.0; n * he];
-                for i in 0..he {
-                    for j in 0..n {
-                        w1t[j * he + i] = w1[i * n + j];
-                    }
-                }
+                let w2 = f.get("encoder.w2", &[(r + 1) * l, he], "encoder W2, (r+1)L x H_enc")?;
                 Observation::Encoder {
                     r,
                     he,
-                    w1t,
+                    w1t: transpose(w1, he, n),
                     b1: f.get("encoder.b1", &[he], "encoder b1, H_enc")?.to_vec(),
-                    w2: f.get("encoder.w2", &[(r + 1) * l, he], "encoder W2, (r+1)L x H_enc")?.to_vec(),
+                    w2t: transpose(w2, (r + 1) * l, he),
                     b2: f.get("encoder.b2", &[(r + 1) * l], "encoder b2, (r+1)L")?.to_vec(),
                 }
             }
@@ -133,13 +141,7 @@ impl Observation {
                 Observation::Gaussian { c: c.clone(), b: b.clone(), rinv, kfix }
             }
             (UpdateKind::PoissonLaplace, Readout::Poisson { lr, c, b, dt }) => {
-                let mut ct = vec![0.0; lr * n];
-                for i in 0..*lr {
-                    for j in 0..n {
-                        ct[i * n + j] = c[j * lr + i];
-                    }
-                }
-                Observation::PoissonLaplace { lr: *lr, c: c.clone(), ct, b: b.clone(), dt: *dt }
+                Observation::PoissonLaplace { lr: *lr, c: c.clone(), ct: transpose(c, n, *lr), b: b.clone(), dt: *dt }
             }
             (k, _) => return Err(format!("the {k} update does not fit this readout")),
         })
@@ -166,14 +168,14 @@ impl Observation {
     pub fn potential(&self, y: &[f32], mp: &[f32], kk: &mut [f32], scr: &mut Scratch) {
         let l = mp.len();
         match self {
-            Observation::Encoder { r, he, w1t, b1, w2, b2 } => {
+            Observation::Encoder { r, he, w1t, b1, w2t, b2 } => {
                 let hid = &mut scr.hid;
                 hid.copy_from_slice(b1);
                 gemv_t(hid, w1t, y.len(), *he, y, 1.0, true);
                 fast::silu_inplace(hid);
                 let out = &mut kk[..(r + 1) * l];
-                gemv(out, w2, (r + 1) * l, *he, hid, 1.0, false);
-                out.iter_mut().zip(b2).for_each(|(o, b)| *o += b);
+                out.copy_from_slice(b2);
+                gemv_t(out, w2t, *he, (r + 1) * l, hid, 1.0, true);
             }
             Observation::Gaussian { c, b, rinv, kfix } => {
                 let n = b.len();

@@ -1,0 +1,172 @@
+//! Per-bin cost of the causal filter step at the sizes of the filter-core issue.
+//!
+//! For each size: criterion's estimate of the step, then our own table from 20,000
+//! individually timed steps (median, p99), the step's matrix arithmetic (FLOPs counted from
+//! the products it actually made), and the "products-only" floor: the same products, same
+//! shapes, replayed alone in this process. The table is printed and written to
+//! target/filter_step.md.
+
+use criterion::{criterion_group, Criterion};
+use latentloop::filter::{Filter, FilterOptions};
+use latentloop::math::gemm::{self, MatRef, Op, Shape};
+use latentloop::math::philox::{Normals, Purpose};
+use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Size {
+    name: &'static str,
+    l: usize,
+    n: usize,
+    s: usize,
+    r: usize,
+    h: usize,
+    he: usize,
+    dynamics: DynamicsKind,
+}
+
+const SIZES: &[Size] = &[
+    Size { name: "small mlp", l: 8, n: 64, s: 32, r: 4, h: 64, he: 64, dynamics: DynamicsKind::Mlp },
+    Size { name: "standard mlp", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Mlp },
+    Size { name: "standard gru", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Gru },
+    Size { name: "mc_maze gru", l: 40, n: 182, s: 24, r: 15, h: 128, he: 256, dynamics: DynamicsKind::Gru },
+];
+
+fn filter_for(sz: &Size) -> Filter {
+    let card = Card {
+        latents: sz.l,
+        channels: sz.n,
+        dt: 0.02,
+        samples: sz.s,
+        dynamics: sz.dynamics,
+        hidden: sz.h,
+        rmsnorm: false,
+        substeps: 1,
+        update: UpdateKind::Encoder,
+        rank: sz.r,
+        encoder_hidden: sz.he,
+        readout: ReadoutKind::Poisson,
+        readout_latents: sz.l,
+        behavior_dims: 2,
+    };
+    let model = XfadsModel::compile(&build::random(&card, 7, 0.05, 0.3)).unwrap();
+    Filter::new(Arc::new(model), FilterOptions { samples: None, seed: 1 })
+}
+
+/// 512 bins of sparse counts (about 0.3 spikes per channel per bin, like 20 ms bins).
+fn bins(n: usize) -> Vec<Vec<f32>> {
+    let g = Normals::new(99);
+    (0..512)
+        .map(|t| {
+            let mut v = vec![0.0; n];
+            g.fill(t, Purpose::Sim, 0, &mut v);
+            v.iter().map(|x| if *x > 1.0 { (*x * 1.5).floor() } else { 0.0 }).collect()
+        })
+        .collect()
+}
+
+/// Buffers to replay recorded products on.
+struct Replay {
+    shapes: Vec<Shape>,
+    bufs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
+impl Replay {
+    fn new(shapes: Vec<Shape>) -> Self {
+        let bufs =
+            shapes.iter().map(|s| (vec![0.01; s.m * s.k], vec![0.02; s.k * s.n], vec![0.0; s.m * s.n])).collect();
+        Replay { shapes, bufs }
+    }
+    fn run(&mut self) {
+        for (s, (a, b, c)) in self.shapes.iter().zip(self.bufs.iter_mut()) {
+            match s.op {
+                Op::Gemm => gemm::gemm(c, s.n, MatRef::new(a, s.m, s.k), MatRef::new(b, s.k, s.n), 1.0, false),
+                Op::Gemv => gemm::gemv(c, a, s.m, s.k, b, 1.0, false),
+                Op::GemvT => gemm::gemv_t(c, b, s.k, s.n, a, 1.0, false),
+            }
+        }
+        black_box(&self.bufs);
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
+}
+
+fn timed(mut f: impl FnMut(), n: usize) -> Vec<Duration> {
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn bench(c: &mut Criterion) {
+    let mut rows = Vec::new();
+    for sz in SIZES {
+        let mut f = filter_for(sz);
+        let data = bins(sz.n);
+        for y in data.iter().take(100) {
+            f.step(Some(y)).unwrap();
+        }
+        let ((), shapes) = gemm::record(|| {
+            f.step(Some(&data[0])).unwrap();
+        });
+        let flops: f64 = shapes.iter().map(Shape::flops).sum();
+        let mut replay = Replay::new(shapes);
+        let mut i = 0usize;
+        c.bench_function(&format!("step/{}", sz.name), |b| {
+            b.iter(|| {
+                i += 1;
+                f.step(Some(&data[i % data.len()])).unwrap()
+            })
+        });
+        c.bench_function(&format!("products-only/{}", sz.name), |b| b.iter(|| replay.run()));
+        let steps = timed(
+            || {
+                i += 1;
+                f.step(Some(&data[i % data.len()])).unwrap();
+            },
+            20_000,
+        );
+        let products = timed(|| replay.run(), 20_000);
+        let (p50, p99, floor) = (percentile(&steps, 0.5), percentile(&steps, 0.99), percentile(&products, 0.5));
+        rows.push(format!(
+            "| {} | L={} N={} S={} r={} H={} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            sz.name,
+            sz.l,
+            sz.n,
+            sz.s,
+            sz.r,
+            sz.h,
+            flops / 1e6,
+            p50,
+            p99,
+            flops / p50 / 1e3,
+            floor,
+            p50 / floor
+        ));
+    }
+    let table = format!(
+        "| size | shape | MFLOP/step | median us | p99 us | GFLOP/s | products-only median us | step / products |\n|---|---|---|---|---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    println!("\n{table}");
+    let _ = std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/target/filter_step.md"), &table);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = bench
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
