@@ -10,6 +10,7 @@
 //! - [`sim`]: synthetic rigs; [`data`]: .npz sessions; [`metrics`]: accuracy measures;
 //! - [`math`]: the allocation-free numerical kernels.
 
+pub mod config;
 pub mod data;
 pub mod decoder;
 pub mod error;
@@ -20,5 +21,6 @@ pub mod math;
 pub mod metrics;
 pub mod model;
 pub mod sim;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,0 +1,381 @@
+//! Rig configuration (`rig-configs/*.toml`). Everything is checked before any thread
+//! starts: unknown keys, missing files, impossible bin widths, channel counts that do not
+//! match the model. Errors name the line.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RigConfig {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub calibration: CalibrationConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub reports: ReportsConfig,
+    /// The file this came from (for messages and relative paths).
+    #[serde(skip)]
+    pub path: PathBuf,
+    #[serde(skip)]
+    text: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// The built-in simulated rig (ground truth on the side).
+    Sim,
+    /// latentloop's bin schema on a SUB socket.
+    Zmq,
+    /// The Open Ephys GUI's ZMQ Interface plugin.
+    Openephys,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// Bin width in milliseconds.
+    pub bin_ms: Spanned<f64>,
+    /// Channels per bin; must equal the model's.
+    pub channels: Spanned<usize>,
+    pub sim: Option<SimSourceConfig>,
+    pub zmq: Option<ZmqSourceConfig>,
+    pub openephys: Option<OpenEphysConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimSourceConfig {
+    /// lorenz | arneodo | rossler | linear
+    pub system: Spanned<String>,
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// Defaults to `seed`.
+    pub trial_seed: Option<u64>,
+    #[serde(default = "two")]
+    pub behavior_dims: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZmqSourceConfig {
+    pub endpoint: String,
+    /// Largest count (or value) a channel may carry; larger values are refused as absurd.
+    #[serde(default = "max_count")]
+    pub max_count: f32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenEphysConfig {
+    /// The GUI's data socket, e.g. tcp://127.0.0.1:5556.
+    pub endpoint: String,
+    /// "continuous": detect threshold crossings in float32 blocks; "spikes": count spike events.
+    #[serde(default = "continuous")]
+    pub mode: String,
+    /// Only this stream's messages are used (all streams when absent).
+    pub stream: Option<String>,
+    /// Crossing threshold in multiples of the robust noise sd (median |x| / 0.6745), negative-going.
+    #[serde(default = "threshold")]
+    pub threshold: f32,
+    /// Seconds of data per channel for the noise estimate, before counting starts.
+    #[serde(default = "noise_seconds")]
+    pub noise_seconds: f32,
+    #[serde(default = "refractory_ms")]
+    pub refractory_ms: f32,
+    /// Spike mode: electrode names in channel order (default: order of first appearance).
+    #[serde(default)]
+    pub electrodes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A model file; when absent the run calibrates a Kalman decoder first.
+    pub path: Option<Spanned<String>>,
+    /// Filter samples S (default: the model card's).
+    pub samples: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    /// cpu | cuda | auto
+    #[serde(default = "backend")]
+    pub backend: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { path: None, samples: None, seed: 0, backend: backend() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationConfig {
+    /// Length of the calibration block recorded before decoding (no model file).
+    pub seconds: Spanned<f64>,
+    #[serde(default = "ridge")]
+    pub ridge: f64,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        CalibrationConfig { seconds: Spanned::new(0..0, 30.0), ridge: ridge() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// PUB endpoint, tcp:// or ipc://.
+    #[serde(default = "out_endpoint")]
+    pub endpoint: String,
+    /// Messages queued per subscriber before ZeroMQ drops (never blocks the decoder).
+    #[serde(default = "sndhwm")]
+    pub sndhwm: i32,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { endpoint: out_endpoint(), sndhwm: sndhwm() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Bins the acquisition ring holds.
+    #[serde(default = "ring_capacity")]
+    pub ring_capacity: usize,
+    /// Missing or skipped bins the decoder predicts through; a longer gap resets it.
+    #[serde(default = "max_predict_gap")]
+    pub max_predict_gap: u64,
+    /// Busy-wait this long for the next bin before sleeping (lower latency, one busy core).
+    #[serde(default = "spin_us")]
+    pub spin_us: u64,
+    /// Pin the acquisition / decode threads to these CPU cores.
+    pub acquire_core: Option<usize>,
+    pub decode_core: Option<usize>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            ring_capacity: ring_capacity(),
+            max_predict_gap: max_predict_gap(),
+            spin_us: spin_us(),
+            acquire_core: None,
+            decode_core: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsConfig {
+    /// Where latency histograms, the JSON summary and the plot go (relative to the config).
+    #[serde(default = "reports_dir")]
+    pub dir: String,
+    #[serde(default = "snapshot_seconds")]
+    pub snapshot_seconds: f64,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        ReportsConfig { dir: reports_dir(), snapshot_seconds: snapshot_seconds() }
+    }
+}
+
+fn one() -> u64 {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn max_count() -> f32 {
+    10_000.0
+}
+fn continuous() -> String {
+    "continuous".into()
+}
+fn threshold() -> f32 {
+    4.5
+}
+fn noise_seconds() -> f32 {
+    2.0
+}
+fn refractory_ms() -> f32 {
+    1.0
+}
+fn backend() -> String {
+    "cpu".into()
+}
+fn ridge() -> f64 {
+    1.0
+}
+fn out_endpoint() -> String {
+    "tcp://127.0.0.1:5560".into()
+}
+fn sndhwm() -> i32 {
+    1000
+}
+fn ring_capacity() -> usize {
+    64
+}
+fn max_predict_gap() -> u64 {
+    50
+}
+fn spin_us() -> u64 {
+    2000
+}
+fn reports_dir() -> String {
+    "reports".into()
+}
+fn snapshot_seconds() -> f64 {
+    10.0
+}
+
+impl RigConfig {
+    pub fn load(path: impl AsRef<Path>) -> Result<RigConfig> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<RigConfig> {
+        let mut c: RigConfig =
+            toml::from_str(text).map_err(|e| Error::Config { path: path.into(), msg: e.to_string() })?;
+        c.path = path.to_path_buf();
+        c.text = text.to_string();
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// An error pointing at the line of `span`.
+    pub fn error_at(&self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) -> Error {
+        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
+        let shown = self.text.lines().nth(line - 1).unwrap_or("").trim();
+        let msg = if span.is_empty() { msg.to_string() } else { format!("line {line} (`{shown}`): {msg}") };
+        Error::Config { path: self.path.clone(), msg }
+    }
+
+    /// A path from the config, relative to the config file's directory.
+    pub fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    pub fn bin_seconds(&self) -> f64 {
+        *self.source.bin_ms.get_ref() / 1000.0
+    }
+
+    pub fn model_path(&self) -> Option<PathBuf> {
+        self.model.path.as_ref().map(|p| self.resolve(p.get_ref()))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = &self.source;
+        let bin_ms = *s.bin_ms.get_ref();
+        // Below 0.1 ms no rig delivers data; above 1 s a "closed loop" is not one.
+        if !(0.1..=1000.0).contains(&bin_ms) {
+            return Err(self.error_at(s.bin_ms.span(), format!("bin_ms = {bin_ms} is outside 0.1..=1000 ms")));
+        }
+        if *s.channels.get_ref() == 0 {
+            return Err(self.error_at(s.channels.span(), "channels must be at least 1"));
+        }
+        let (needed, present) = match s.kind {
+            SourceKind::Sim => ("[source.sim]", s.sim.is_some()),
+            SourceKind::Zmq => ("[source.zmq]", s.zmq.is_some()),
+            SourceKind::Openephys => ("[source.openephys]", s.openephys.is_some()),
+        };
+        if !present {
+            return Err(Error::Config { path: self.path.clone(), msg: format!("source kind needs a {needed} table") });
+        }
+        if let Some(oe) = &s.openephys {
+            if oe.mode != "continuous" && oe.mode != "spikes" {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: format!("[source.openephys] mode = '{}': expected 'continuous' or 'spikes'", oe.mode),
+                });
+            }
+        }
+        if let Some(p) = &self.model.path {
+            let full = self.resolve(p.get_ref());
+            if !full.is_file() {
+                return Err(self.error_at(p.span(), format!("model file {} does not exist", full.display())));
+            }
+        } else {
+            let secs = *self.calibration.seconds.get_ref();
+            let bins = secs / self.bin_seconds();
+            if !(secs.is_finite() && bins >= 100.0) {
+                return Err(self.error_at(
+                    self.calibration.seconds.span(),
+                    format!("calibration of {secs} s is {bins:.0} bins; the Kalman fit needs at least 100"),
+                ));
+            }
+            if s.kind == SourceKind::Openephys {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: "the openephys source carries no behaviour to calibrate on: set [model] path \
+                          (fit one with `latentloop fit` on a recording)"
+                        .into(),
+                });
+            }
+        }
+        if !["cpu", "cuda", "auto"].contains(&self.model.backend.as_str()) {
+            return Err(Error::Config {
+                path: self.path.clone(),
+                msg: format!("[model] backend = '{}': expected cpu, cuda or auto", self.model.backend),
+            });
+        }
+        if self.pipeline.ring_capacity < 2 {
+            return Err(Error::Config { path: self.path.clone(), msg: "[pipeline] ring_capacity must be >= 2".into() });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "[source]\nkind = \"sim\"\nbin_ms = 20.0\nchannels = 50\n[source.sim]\nsystem = \"lorenz\"\n";
+
+    fn parse(t: &str) -> Result<RigConfig> {
+        RigConfig::parse(t, Path::new("/tmp/x.toml"))
+    }
+
+    #[test]
+    fn good_config_has_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.bin_seconds(), 0.02);
+        assert_eq!(c.pipeline.ring_capacity, 64);
+        assert!(c.model_path().is_none());
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let e = parse(&GOOD.replace("bin_ms = 20.0", "bin_ms = 0.0")).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("bin_ms = 0"), "{e}");
+        let e = parse(&format!("{GOOD}colour = \"red\"\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("colour") && e.contains("line 7"), "{e}");
+        let e = parse(&format!("{GOOD}[model]\npath = \"nope.safetensors\"\n")).unwrap_err().to_string();
+        assert!(e.contains("line 8") && e.contains("does not exist"), "{e}");
+        let e = parse(&GOOD.replace("[source.sim]\nsystem = \"lorenz\"\n", "")).unwrap_err().to_string();
+        assert!(e.contains("[source.sim]"), "{e}");
+        let e = parse(&format!("{GOOD}[calibration]\nseconds = 1.0\n")).unwrap_err().to_string();
+        assert!(e.contains("line 8") && e.contains("50 bins"), "{e}");
+    }
+}
