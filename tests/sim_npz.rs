@@ -4,7 +4,7 @@ mod common;
 
 use latentloop::data::npz::{read_arrays, write_arrays, Dtype, NpyArray};
 use latentloop::data::{Array2, Dataset};
-use latentloop::sim::{poisson, simulate, try_simulate, SimConfig, SimRig, System, Uniforms};
+use latentloop::sim::{poisson, simulate, SimConfig, SimRig, System, Uniforms};
 use latentloop::Error;
 use nalgebra::DMatrix;
 use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
@@ -47,7 +47,7 @@ fn allocations() -> usize {
 fn small_session() -> Dataset {
     let mut cfg = SimConfig::new(System::Lorenz, 7, 21, 22);
     cfg.behavior_dims = 3;
-    let mut ds = simulate(&cfg, 400);
+    let mut ds = simulate(&cfg, 400).unwrap();
     ds.trial_starts = Some(vec![0, 150, 399]);
     ds
 }
@@ -431,8 +431,8 @@ fn cfg(system: System, neurons: usize, seed: u64, trial_seed: u64) -> SimConfig 
 fn simulation_is_reproducible_bit_for_bit() {
     for system in System::ALL {
         let c = cfg(system, 9, 5, 6);
-        let a = simulate(&c, 700);
-        let b = simulate(&c, 700);
+        let a = simulate(&c, 700).unwrap();
+        let b = simulate(&c, 700).unwrap();
         let bits = |d: &Dataset| -> Vec<u32> {
             [&d.spikes, d.rates.as_ref().unwrap(), d.latents.as_ref().unwrap(), d.behavior.as_ref().unwrap()]
                 .iter()
@@ -441,7 +441,7 @@ fn simulation_is_reproducible_bit_for_bit() {
         };
         assert_eq!(bits(&a), bits(&b), "{system}");
         // A shorter run is a prefix of a longer one (streaming has no look-ahead).
-        assert_eq!(simulate(&c, 300), a.slice(0, 300), "{system}");
+        assert_eq!(simulate(&c, 300).unwrap(), a.slice(0, 300), "{system}");
         assert_eq!(a.dt, 0.02);
     }
 }
@@ -459,8 +459,8 @@ fn trial_seed_changes_the_trial_but_not_the_system() {
 
         // Trial 2's rates are the SAME function of its latents as the system of trial 1
         // computes: one readout and one drive normalisation, bit for bit.
-        let d2 = simulate(&cfg(system, 12, 77, 2), 500);
-        let d1 = simulate(&cfg(system, 12, 77, 1), 500);
+        let d2 = simulate(&cfg(system, 12, 77, 2), 500).unwrap();
+        let d1 = simulate(&cfg(system, 12, 77, 1), 500).unwrap();
         let (l2, rates2) = (d2.latents.as_ref().unwrap(), d2.rates.as_ref().unwrap());
         let mut r = vec![0.0f32; 12];
         for t in 0..500 {
@@ -475,7 +475,7 @@ fn trial_seed_changes_the_trial_but_not_the_system() {
 #[test]
 fn latents_are_bounded_standardised_and_moving() {
     for system in System::ALL {
-        let d = simulate(&cfg(system, 4, 3, 4), 20_000);
+        let d = simulate(&cfg(system, 4, 3, 4), 20_000).unwrap();
         let l = d.latents.as_ref().unwrap();
         for k in 0..l.cols {
             let col: Vec<f64> = (0..l.rows).map(|t| l.row(t)[k] as f64).collect();
@@ -510,7 +510,7 @@ fn mean_rates_match_the_lognormal_prediction() {
     let expect = 0.5f64.exp();
     for system in [System::Linear, System::Lorenz] {
         let n = 60;
-        let d = simulate(&cfg(system, n, 11, 12), 20_000);
+        let d = simulate(&cfg(system, n, 11, 12), 20_000).unwrap();
         let (rates, t) = (d.rates.as_ref().unwrap(), d.bins());
         let means: Vec<f64> = (0..n).map(|j| (0..t).map(|i| rates.row(i)[j] as f64).sum::<f64>() / t as f64).collect();
         for (j, &m) in means.iter().enumerate() {
@@ -555,7 +555,7 @@ fn behaviour_is_a_near_linear_function_of_the_latents() {
     for system in System::ALL {
         let mut c = cfg(system, 3, 8, 9);
         c.behavior_dims = 2;
-        let d = simulate(&c, 5_000);
+        let d = simulate(&c, 5_000).unwrap();
         let (l, b) = (d.latents.as_ref().unwrap(), d.behavior.as_ref().unwrap());
         let x = DMatrix::from_fn(l.rows, l.cols + 1, |t, k| if k < l.cols { l.row(t)[k] as f64 } else { 1.0 });
         let y = DMatrix::from_fn(b.rows, b.cols, |t, k| b.row(t)[k] as f64);
@@ -596,7 +596,7 @@ fn next_bin_allocates_nothing() {
 #[test]
 fn configs_and_names_are_validated() {
     assert!(SimRig::new(&cfg(System::Lorenz, 0, 1, 1)).unwrap_err().contains("at least 1 neuron"));
-    assert!(try_simulate(&SimConfig { dt: -1.0, ..cfg(System::Rossler, 2, 1, 1) }, 5).unwrap_err().contains("dt"));
+    assert!(simulate(&SimConfig { dt: -1.0, ..cfg(System::Rossler, 2, 1, 1) }, 5).unwrap_err().contains("dt"));
     let e = "henon".parse::<System>().unwrap_err();
     assert!(e.contains("'henon'") && e.contains("lorenz, arneodo, rossler, linear"), "{e}");
     assert_eq!("rossler".parse::<System>(), Ok(System::Rossler));
@@ -606,5 +606,5 @@ fn configs_and_names_are_validated() {
     // No behaviour requested: the dataset has none.
     let mut c = cfg(System::Lorenz, 2, 1, 1);
     c.behavior_dims = 0;
-    assert_eq!(simulate(&c, 10).behavior, None);
+    assert_eq!(simulate(&c, 10).unwrap().behavior, None);
 }

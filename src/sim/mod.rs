@@ -337,16 +337,8 @@ fn jitter(x: &mut State, key: u64, sample: u32) {
     }
 }
 
-/// `bins` bins of a fresh rig.
-///
-/// # Panics
-/// If `cfg` is invalid; use [`try_simulate`] (or [`SimRig::new`]) for configs from users.
-pub fn simulate(cfg: &SimConfig, bins: usize) -> Dataset {
-    try_simulate(cfg, bins).unwrap_or_else(|e| panic!("invalid SimConfig: {e}"))
-}
-
 /// `bins` bins of a fresh rig, or why the config is invalid.
-pub fn try_simulate(cfg: &SimConfig, bins: usize) -> Result<Dataset, String> {
+pub fn simulate(cfg: &SimConfig, bins: usize) -> Result<Dataset, String> {
     Ok(SimRig::new(cfg)?.collect(bins))
 }
 
@@ -364,7 +356,7 @@ mod tests {
         assert!(e.contains("dt"), "{e}");
         let e = SimRig::new(&SimConfig { dt: f32::NAN, ..ok.clone() }).unwrap_err();
         assert!(e.contains("dt"), "{e}");
-        assert!(try_simulate(&SimConfig { neurons: MAX_NEURONS + 1, ..ok }, 1).is_err());
+        assert!(simulate(&SimConfig { neurons: MAX_NEURONS + 1, ..ok }, 1).is_err());
     }
 
     /// Many trial starts on the flows whose basins are not the whole space (Arneodo, Rossler
