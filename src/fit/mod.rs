@@ -1,1 +1,8 @@
-//! (being written)
+//! Fitting, offline (f64, allocating freely; nothing here runs per bin).
+//!
+//! - [`linreg`]: least squares / ridge regression with an optional intercept: the one
+//!   mechanism behind the Kalman fit, the state R^2 affine map and behaviour readouts;
+//! - [`kalman`]: the least-squares fit of the Kalman-filter decoder (ALGORITHM.md section 7).
+
+pub mod kalman;
+pub mod linreg;
