@@ -72,6 +72,9 @@ pub struct ZmqSourceConfig {
     /// Largest count (or value) a channel may carry; larger values are refused as absurd.
     #[serde(default = "max_count")]
     pub max_count: f32,
+    /// Behaviour values per bin, for calibrating without a model file (0: none).
+    #[serde(default)]
+    pub behavior_dims: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,7 +161,8 @@ pub struct PipelineConfig {
     /// Missing or skipped bins the decoder predicts through; a longer gap resets it.
     #[serde(default = "max_predict_gap")]
     pub max_predict_gap: u64,
-    /// Busy-wait this long for the next bin before sleeping (lower latency, one busy core).
+    /// The decode thread sleeps until shortly before a bin is due, then busy-waits up to this
+    /// long past its due time (lower latency than a wake-up, at the cost of that core).
     #[serde(default = "spin_us")]
     pub spin_us: u64,
     /// Pin the acquisition / decode threads to these CPU cores.
@@ -234,7 +238,7 @@ fn max_predict_gap() -> u64 {
     50
 }
 fn spin_us() -> u64 {
-    2000
+    500
 }
 fn reports_dir() -> String {
     "reports".into()

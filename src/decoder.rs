@@ -1,6 +1,13 @@
 //! What the pipeline and `eval` drive once per bin, whatever the model: the XFADS filter or
 //! the Kalman-filter decoder.
 
+use crate::error::{Error, Result};
+use crate::filter::{Filter, FilterOptions};
+use crate::kalman::{KalmanFilter, KalmanMode, KalmanModel};
+use crate::model::{card, xfads_names, ModelFile, ModelKind, XfadsModel};
+use std::path::Path;
+use std::sync::Arc;
+
 /// Why a bin was refused. The decoder's state is untouched by a refused bin.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 pub enum BinError {
@@ -56,4 +63,98 @@ pub trait Decoder: Send {
     fn lag1_mean(&self) -> &[f32];
     /// Starts over from the prior (e.g. after the source restarted).
     fn reset(&mut self);
+}
+
+/// A loaded model of either kind.
+#[derive(Clone, Debug)]
+pub enum AnyModel {
+    Xfads(Arc<XfadsModel>),
+    Kalman(Arc<KalmanModel>),
+}
+
+/// Runtime choices for building a decoder from a model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecoderOptions {
+    /// XFADS: filter samples S (default: the model card's) and the noise seed.
+    pub filter: FilterOptions,
+    pub kalman: KalmanMode,
+}
+
+impl AnyModel {
+    /// Reads a model file of any kind (latentloop's, or an XFADS checkpoint's names).
+    pub fn load(path: impl AsRef<Path>) -> Result<AnyModel> {
+        let path = path.as_ref();
+        let f = ModelFile::read(path)?;
+        Self::from_model_file(&f).map_err(|m| Error::model(path, m))
+    }
+
+    pub fn from_model_file(f: &ModelFile) -> Result<AnyModel, String> {
+        if xfads_names::looks_like_xfads(f) {
+            return Ok(AnyModel::Xfads(Arc::new(XfadsModel::from_model_file(f)?)));
+        }
+        Ok(match card::read_kind(f)? {
+            ModelKind::Xfads => AnyModel::Xfads(Arc::new(XfadsModel::compile(f)?)),
+            ModelKind::Kalman => AnyModel::Kalman(Arc::new(KalmanModel::from_file(f)?)),
+        })
+    }
+
+    pub fn channels(&self) -> usize {
+        match self {
+            AnyModel::Xfads(m) => m.channels(),
+            AnyModel::Kalman(m) => m.channels(),
+        }
+    }
+
+    /// Length of the decoder's state mean.
+    pub fn latents(&self) -> usize {
+        match self {
+            AnyModel::Xfads(m) => m.latents(),
+            AnyModel::Kalman(m) => m.states(),
+        }
+    }
+
+    pub fn behavior_dims(&self) -> usize {
+        match self {
+            AnyModel::Xfads(m) => m.behavior.as_ref().map_or(0, |b| b.dims()),
+            AnyModel::Kalman(m) => m.behavior_dims(),
+        }
+    }
+
+    /// Bins by which decoded behaviour leads the neural data (Kalman fits with a lag).
+    pub fn behavior_lag(&self) -> usize {
+        match self {
+            AnyModel::Xfads(_) => 0,
+            AnyModel::Kalman(m) => m.params.lag,
+        }
+    }
+
+    /// One line for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyModel::Xfads(m) => format!(
+                "xfads: {}, {} update (r={}), L={}, N={}, S={}, dt={} s",
+                m.dynamics.describe(),
+                m.card.update,
+                m.rank(),
+                m.latents(),
+                m.channels(),
+                m.card.samples,
+                m.card.dt
+            ),
+            AnyModel::Kalman(m) => format!(
+                "kalman: {} behaviour dims + constant, N={}, dt={} s, lag={}",
+                m.behavior_dims(),
+                m.channels(),
+                m.params.dt,
+                m.params.lag
+            ),
+        }
+    }
+
+    pub fn decoder(&self, opts: DecoderOptions) -> Box<dyn Decoder> {
+        match self {
+            AnyModel::Xfads(m) => Box::new(Filter::new(m.clone(), opts.filter)),
+            AnyModel::Kalman(m) => Box::new(KalmanFilter::new(m.clone(), opts.kalman)),
+        }
+    }
 }

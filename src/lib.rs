@@ -14,12 +14,14 @@ pub mod config;
 pub mod data;
 pub mod decoder;
 pub mod error;
+pub mod eval;
 pub mod filter;
 pub mod fit;
 pub mod kalman;
 pub mod math;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod sim;
 pub mod wire;
 

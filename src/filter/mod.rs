@@ -149,6 +149,13 @@ impl Filter {
     pub fn predicted_mean(&self) -> &[f32] {
         &self.mp
     }
+    /// The centred predictive draws e_s (S x L) of the pending prediction: after `predict`
+    /// and before `step`, m_p + e_s are draws of the one-step-ahead predictive (for honest
+    /// predictive rates, which have not seen the bin).
+    pub fn predictive_draws(&self) -> Option<&[f32]> {
+        self.predicted.then_some(&self.e[..])
+    }
+
     /// D m_t + d (empty if the model has no behaviour readout).
     pub fn behavior(&self) -> &[f32] {
         &self.behavior

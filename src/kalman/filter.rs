@@ -103,7 +103,7 @@ pub struct KalmanFilter {
     delta: Vec<f32>,
     gv: Vec<f32>,
     tmp: Vec<f32>,
-    col: Vec<f32>,
+    rinv: Vec<f32>,
 }
 
 impl KalmanFilter {
@@ -166,7 +166,7 @@ impl KalmanFilter {
             delta: z(n),
             gv: z(d),
             tmp: z(d * d),
-            col: z(d),
+            rinv: z(d * d),
             model,
         }
     }
@@ -281,7 +281,9 @@ impl KalmanFilter {
         // v = H y - (h_c + G b_p): the data-independent part.
         gemv(&mut self.vbase, &self.g, d, d, &self.xp[..d], 1.0, false);
         self.vbase.iter_mut().zip(&self.hc).for_each(|(v, h)| *v += h);
-        self.kl_const = chol::trace_inv(&self.mch, d, &mut self.col) - d as f32 + chol::logdet(&self.mch, d);
+        chol::lower_inverse(&self.mch, d, &mut self.rinv);
+        let tr_inv: f32 = self.rinv.iter().map(|x| x * x).sum(); // tr M^-1 = ||R^-1||_F^2
+        self.kl_const = tr_inv - d as f32 + chol::logdet(&self.mch, d);
     }
 
     fn predict_steady(&mut self) {

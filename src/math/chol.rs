@@ -35,6 +35,14 @@ pub fn cholesky(a: &mut [f32], n: usize) -> Result<(), NotPositiveDefinite> {
     Ok(())
 }
 
+/// Solves L y = b in place (b becomes y).
+pub fn solve_lower(l: &[f32], n: usize, b: &mut [f32]) {
+    for i in 0..n {
+        let s = b[i] - dot(&l[i * n..i * n + i], &b[..i]);
+        b[i] = s / l[i * n + i];
+    }
+}
+
 /// Writes L^-1 (lower triangular, n x n row-major) into `out`, given the factor L.
 pub fn lower_inverse(l: &[f32], n: usize, out: &mut [f32]) {
     out[..n * n].fill(0.0);
@@ -80,6 +88,13 @@ mod tests {
             cholesky(&mut l, n).unwrap();
             let mut linv = vec![0.0; n * n];
             lower_inverse(&l, n, &mut linv);
+            let mut y: Vec<f32> = (0..n).map(|i| i as f32 - 2.0).collect();
+            let rhs = y.clone();
+            solve_lower(&l, n, &mut y);
+            for i in 0..n {
+                let want: f32 = (0..n).map(|k| linv[i * n + k] * rhs[k]).sum();
+                assert!((y[i] - want).abs() < 1e-4 * (1.0 + want.abs()), "n={n} solve_lower");
+            }
             let mut ainv = vec![0.0; n * n];
             inverse_from_lower_inverse(&linv, n, &mut ainv);
             let want = a.clone().try_inverse().unwrap();
