@@ -10,6 +10,7 @@ use latentloop::eval::evaluate;
 use latentloop::filter::FilterOptions;
 use latentloop::fit::kalman::{fit_dataset, KalmanFitOptions};
 use latentloop::kalman::KalmanMode;
+use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind};
 use latentloop::pipeline::{self, RunOptions};
 use latentloop::sim::{self, SimConfig, System};
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Command {
     Fit(FitCommand),
     /// Decode a session bin by bin, causally, and print accuracy metrics as JSON.
     Eval(EvalArgs),
+    /// Write a randomly initialised XFADS model of a given size: to measure what latency a
+    /// model of that size gets on a rig before any training.
+    RandomModel(RandomModelArgs),
     /// Print a model file's card.
     Info {
         /// The model file (.safetensors).
@@ -87,6 +91,39 @@ struct SimulateArgs {
     #[arg(long, default_value_t = 0.02)]
     dt: f32,
     /// Output .npz (spikes, behavior, latents, rates, dt).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RandomModelArgs {
+    #[arg(long, default_value = "mlp")]
+    dynamics: DynamicsKind,
+    /// L.
+    #[arg(long, default_value_t = 32)]
+    latents: usize,
+    /// N.
+    #[arg(long, default_value_t = 128)]
+    channels: usize,
+    /// S.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    /// Encoder rank r.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Hidden width of the dynamics.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Hidden width of the encoder.
+    #[arg(long, default_value_t = 128)]
+    encoder_hidden: usize,
+    #[arg(long, default_value_t = 2)]
+    behavior_dims: usize,
+    /// Bin width in seconds.
+    #[arg(long, default_value_t = 0.001)]
+    dt: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     #[arg(long)]
     out: PathBuf,
 }
@@ -194,6 +231,28 @@ fn dispatch(cmd: Command) -> Result<()> {
                 outputs.write_npz(p)?;
             }
             println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            Ok(())
+        }
+        Command::RandomModel(a) => {
+            let card = Card {
+                latents: a.latents,
+                channels: a.channels,
+                dt: a.dt,
+                samples: a.samples,
+                dynamics: a.dynamics,
+                hidden: a.hidden,
+                rmsnorm: false,
+                substeps: 2,
+                update: UpdateKind::Encoder,
+                rank: a.rank,
+                encoder_hidden: a.encoder_hidden,
+                readout: ReadoutKind::Poisson,
+                readout_latents: a.latents,
+                behavior_dims: a.behavior_dims,
+            };
+            card.validate().map_err(Error::Invalid)?;
+            build::random(&card, a.seed, 0.05, 0.3).write(&a.out)?;
+            eprintln!("wrote {}", a.out.display());
             Ok(())
         }
         Command::Info { model } => {
