@@ -104,14 +104,20 @@ impl ModelFile {
     }
 
     /// Metadata value parsed as T; `None` when absent.
-    pub fn meta_opt<T: std::str::FromStr>(&self, key: &str) -> std::result::Result<Option<T>, String> {
+    pub fn meta_opt<T: std::str::FromStr>(&self, key: &str) -> std::result::Result<Option<T>, String>
+    where
+        T::Err: std::fmt::Display,
+    {
         match self.meta.get(key) {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| format!("metadata '{key}' = '{v}' is not valid")),
+            Some(v) => v.trim().parse().map(Some).map_err(|e| format!("metadata '{key}' = '{v}': {e}")),
         }
     }
 
-    pub fn meta_req<T: std::str::FromStr>(&self, key: &str) -> std::result::Result<T, String> {
+    pub fn meta_req<T: std::str::FromStr>(&self, key: &str) -> std::result::Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
         self.meta_opt(key)?.ok_or_else(|| format!("metadata key '{key}' is missing from the model card"))
     }
 
