@@ -3,6 +3,8 @@
 //! Weights are stored in files in PyTorch's (out x in) layout and kept here transposed
 //! (in x out), so that samples-as-rows times weights is a plain row-major product.
 
+mod grad;
+
 use super::card::DynamicsKind;
 use super::file::ModelFile;
 use super::observation::transpose;
@@ -10,7 +12,7 @@ use crate::math::fast;
 use crate::math::gemm::{gemm, MatRef};
 
 /// Weightless RMSNorm epsilon (XFADS).
-const RMS_EPS: f32 = 1e-5;
+pub(crate) const RMS_EPS: f32 = 1e-5;
 
 #[derive(Clone, Debug)]
 enum Net {
@@ -40,6 +42,29 @@ pub struct Dynamics {
     pub rmsnorm: bool,
     pub substeps: usize,
     net: Net,
+}
+
+/// The tensors of each dynamics kind, in a fixed order: (name, shape, meaning). The file
+/// loader, the trainer's parameter vector and the gradients all use this order.
+pub fn param_specs(kind: DynamicsKind, l: usize, h: usize) -> Vec<(&'static str, Vec<usize>, &'static str)> {
+    match kind {
+        DynamicsKind::Linear => vec![("dynamics.a", vec![l, l], "A, L x L"), ("dynamics.b", vec![l], "a, L")],
+        DynamicsKind::Mlp | DynamicsKind::Node => vec![
+            ("dynamics.w1", vec![h, l], "W1, H x L"),
+            ("dynamics.b1", vec![h], "b1, H"),
+            ("dynamics.w2", vec![l, h], "W2, L x H"),
+            ("dynamics.b2", vec![l], "b2, L"),
+        ],
+        DynamicsKind::Gru => vec![
+            ("dynamics.w_zh", vec![h, l], "W_zh, H x L"),
+            ("dynamics.b_zh", vec![h], "b_zh, H"),
+            ("dynamics.w_hh", vec![3 * h, h], "W_hh [r,u,n], 3H x H"),
+            ("dynamics.b_hh", vec![3 * h], "GRU hidden biases [r,u,n], 3H"),
+            ("dynamics.b_ih", vec![3 * h], "GRU input biases [r,u,n], 3H"),
+            ("dynamics.w_out", vec![l, h], "W_out, L x H"),
+            ("dynamics.b_out", vec![l], "b_out, L"),
+        ],
+    }
 }
 
 /// Preallocated buffers for `apply` at a fixed number of samples.
@@ -72,31 +97,42 @@ impl Dynamics {
         rmsnorm: bool,
         substeps: usize,
     ) -> Result<Self, String> {
+        Self::from_params(kind, l, h, rmsnorm, substeps, |n, shape, what| f.get(n, shape, what))
+    }
+
+    /// Compiles the tensors of [`param_specs`] from any source (a file, or the trainer's
+    /// parameter vector).
+    pub fn from_params<'a>(
+        kind: DynamicsKind,
+        l: usize,
+        h: usize,
+        rmsnorm: bool,
+        substeps: usize,
+        get: impl Fn(&str, &[usize], &str) -> Result<&'a [f32], String>,
+    ) -> Result<Self, String> {
+        let specs = param_specs(kind, l, h);
+        let p = |i: usize| -> Result<&'a [f32], String> { get(specs[i].0, &specs[i].1, specs[i].2) };
         let net = match kind {
-            DynamicsKind::Linear => Net::Linear {
-                at: transpose(f.get("dynamics.a", &[l, l], "A, L x L")?, l, l),
-                a: f.get("dynamics.b", &[l], "a, L")?.to_vec(),
-            },
+            DynamicsKind::Linear => Net::Linear { at: transpose(p(0)?, l, l), a: p(1)?.to_vec() },
             DynamicsKind::Mlp | DynamicsKind::Node => Net::Mlp {
-                w1t: transpose(f.get("dynamics.w1", &[h, l], "W1, H x L")?, h, l),
-                b1: f.get("dynamics.b1", &[h], "b1, H")?.to_vec(),
-                w2t: transpose(f.get("dynamics.w2", &[l, h], "W2, L x H")?, l, h),
-                b2: f.get("dynamics.b2", &[l], "b2, L")?.to_vec(),
+                w1t: transpose(p(0)?, h, l),
+                b1: p(1)?.to_vec(),
+                w2t: transpose(p(2)?, l, h),
+                b2: p(3)?.to_vec(),
             },
             DynamicsKind::Gru => {
-                let b_ih = f.get("dynamics.b_ih", &[3 * h], "GRU input biases [r,u,n], 3H")?;
-                let b_hh = f.get("dynamics.b_hh", &[3 * h], "GRU hidden biases [r,u,n], 3H")?;
+                let (b_ih, b_hh) = (p(4)?, p(3)?);
                 let sum = |g: usize| (0..h).map(|i| b_ih[g * h + i] + b_hh[g * h + i]).collect();
                 Net::Gru {
-                    wzh_t: transpose(f.get("dynamics.w_zh", &[h, l], "W_zh, H x L")?, h, l),
-                    bzh: f.get("dynamics.b_zh", &[h], "b_zh, H")?.to_vec(),
-                    whh_t: transpose(f.get("dynamics.w_hh", &[3 * h, h], "W_hh [r,u,n], 3H x H")?, 3 * h, h),
+                    wzh_t: transpose(p(0)?, h, l),
+                    bzh: p(1)?.to_vec(),
+                    whh_t: transpose(p(2)?, 3 * h, h),
                     b_r: sum(0),
                     b_u: sum(1),
                     b_in: b_ih[2 * h..].to_vec(),
                     b_hn: b_hh[2 * h..].to_vec(),
-                    wout_t: transpose(f.get("dynamics.w_out", &[l, h], "W_out, L x H")?, l, h),
-                    bout: f.get("dynamics.b_out", &[l], "b_out, L")?.to_vec(),
+                    wout_t: transpose(p(5)?, l, h),
+                    bout: p(6)?.to_vec(),
                 }
             }
         };
