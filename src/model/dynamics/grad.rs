@@ -195,7 +195,8 @@ impl Dynamics {
         let dt = 1.0 / self.substeps as f32;
         let n = rows * l;
         // Per substep: the 4 stage inputs and their hidden activations.
-        let mut tape: Vec<([Vec<f32>; 4], [Vec<f32>; 4])> = Vec::with_capacity(self.substeps);
+        type Stages = [Vec<f32>; 4];
+        let mut tape: Vec<(Stages, Stages)> = Vec::with_capacity(self.substeps);
         let mut x = z.to_vec();
         for _ in 0..self.substeps {
             let mut xs: [Vec<f32>; 4] = Default::default();
