@@ -134,7 +134,13 @@ fn build_source(
             .map_err(bad)?;
             Ok(Box::new(s))
         }
-        SourceKind::Openephys => Err(bad("the openephys source is not built yet".into())),
+        SourceKind::Openephys => {
+            let o = cfg.source.openephys.as_ref().expect("validated");
+            let set = source::openephys::Settings::new(o, channels, *cfg.source.bin_ms.get_ref()).map_err(bad)?;
+            let s = source::openephys::OpenEphysSource::connect(ctx, &o.endpoint, set, counters.clone(), log.clone())
+                .map_err(bad)?;
+            Ok(Box::new(s))
+        }
     }
 }
 

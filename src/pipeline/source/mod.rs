@@ -1,6 +1,7 @@
 //! Where bins come from. A source runs on the acquisition thread: it receives or generates
 //! data, bins it, stamps the host receive time, and fills preallocated slots.
 
+pub mod openephys;
 pub mod sim;
 pub mod zmq_bins;
 
