@@ -158,6 +158,9 @@ pub struct PipelineConfig {
     /// Bins the acquisition ring holds.
     #[serde(default = "ring_capacity")]
     pub ring_capacity: usize,
+    /// A bin received longer ago than this (ms) is skipped when a newer one waits
+    /// (default: two bin widths). Bins that complete together are all decoded.
+    pub stale_ms: Option<f64>,
     /// Missing or skipped bins the decoder predicts through; a longer gap resets it.
     #[serde(default = "max_predict_gap")]
     pub max_predict_gap: u64,
@@ -174,6 +177,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             ring_capacity: ring_capacity(),
+            stale_ms: None,
             max_predict_gap: max_predict_gap(),
             spin_us: spin_us(),
             acquire_core: None,

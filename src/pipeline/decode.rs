@@ -1,11 +1,13 @@
 //! The decode thread: pops bins, keeps the sequence honest (gaps, restarts, duplicates),
 //! runs the filter step, publishes, and hands a timing record to the stats thread.
 //!
-//! Falling behind: when more than one bin is waiting, the newest wins. The skipped bins,
-//! like bins that never arrived, are predicted through (predict-only steps, so the state
-//! stays on the right clock) and reported in the next output's `dropped_before` with the GAP
-//! flag. A gap longer than `max_gap` resets the decoder to its prior instead. Nothing stale
-//! is ever decoded silently.
+//! Falling behind: a bin is stale when it was received more than `stale` ago. While the
+//! bin at hand is stale and a newer one is waiting, the decoder skips ahead; bins that
+//! complete together (one acquisition block can hold many) are not stale and are all
+//! decoded. Skipped bins, like bins that never arrived, are predicted through (predict-only
+//! steps, so the state stays on the right clock) and reported in the next output's
+//! `dropped_before` with the GAP flag. A gap longer than `max_gap` resets the decoder to its
+//! prior instead. Nothing stale is ever decoded silently.
 //!
 //! Per bin this thread allocates nothing, takes no lock, and makes no system call but the
 //! socket's (a bin is awaited by spinning, then parking only after `spin`).
@@ -32,6 +34,8 @@ pub struct Decode {
     pub spin: Duration,
     /// The bin width: when the next bin is due.
     pub bin_ns: u64,
+    /// A bin received longer ago than this is skipped when a newer one is waiting.
+    pub stale_ns: u64,
     pub max_gap: u64,
     pub core: Option<usize>,
 }
@@ -84,7 +88,8 @@ impl Decode {
             let predict_ns = monotonic_ns() - t0;
             let Some(mut slot) = self.wait(expected_ns) else { break };
             let mut skipped = 0u64;
-            while self.ring.occupied_len() > 0 {
+            let now = monotonic_ns();
+            while now.saturating_sub(slot.recv_ns) > self.stale_ns && self.ring.occupied_len() > 0 {
                 if let Some(newer) = self.ring.try_pop() {
                     let old = std::mem::replace(&mut slot, newer);
                     let _ = self.free.try_push(old);

@@ -320,6 +320,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         stop: stop.clone(),
         spin: Duration::from_micros(cfg.pipeline.spin_us),
         bin_ns: (cfg.bin_seconds() * 1e9) as u64,
+        stale_ns: (cfg.pipeline.stale_ms.unwrap_or(2.0 * cfg.bin_seconds() * 1e3) * 1e6) as u64,
         max_gap: cfg.pipeline.max_predict_gap,
         core: cfg.pipeline.decode_core,
     };
