@@ -2,12 +2,15 @@
 //! runs the filter step, publishes, and hands a timing record to the stats thread.
 //!
 //! Falling behind: a bin is stale when it was received more than `stale` ago. While the
-//! bin at hand is stale and a newer one is waiting, the decoder skips ahead; bins that
-//! complete together (one acquisition block can hold many) are not stale and are all
-//! decoded. Skipped bins, like bins that never arrived, are predicted through (predict-only
-//! steps, so the state stays on the right clock) and reported in the next output's
-//! `dropped_before` with the GAP flag. A gap longer than `max_gap` resets the decoder to its
-//! prior instead. Nothing stale is ever decoded silently.
+//! bin at hand is stale and newer ones are waiting, the decoder skips ahead to the first
+//! bin that is not; bins that complete together (one acquisition block can hold many) are
+//! not stale and are all decoded. Skipped bins, like bins that never arrived, are predicted
+//! through (predict-only steps, so the state stays on the right clock) and reported in the
+//! next output's `dropped_before` with the GAP flag. A gap longer than `max_gap` resets the
+//! decoder to its prior instead. Nothing stale is ever decoded silently: a duplicate or late
+//! bin in the backlog never displaces a fresher one (it is counted out of order), and a
+//! restart in the backlog is not lost (the bin kept from the restarted stream is decoded as
+//! its first, with RESTART|RESET, and the bins skipped before it in `dropped_before`).
 //!
 //! Per bin this thread allocates nothing, takes no lock, and makes no system call but the
 //! socket's (a bin is awaited by spinning, then parking only after `spin`).
@@ -17,7 +20,7 @@ use super::source::{BinSlot, Counters, SlotKind};
 use super::stats::{TimingRecord, MAX_BEHAVIOR};
 use crate::decoder::Decoder;
 use crate::wire::output::{self, OutputHeader};
-use ringbuf::traits::{Consumer, Observer, Producer};
+use ringbuf::traits::{Consumer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +47,58 @@ pub struct Decode {
 const REORDER_WINDOW: u64 = 64;
 /// Start spinning this long before a bin is due (a timed park wakes up to ~100 us late).
 const SPIN_LEAD_NS: u64 = 250_000;
+
+/// Whether `slot` starts a new stream after `last` (the last sequence number decoded or
+/// kept): the publisher said so, or the sequence jumped back by more than the window.
+fn is_restart(slot: &BinSlot, last: Option<u64>) -> bool {
+    slot.restart || matches!(last, Some(l) if slot.seq + REORDER_WINDOW < l)
+}
+
+/// What [`catch_up`] did with the bins it did not keep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CaughtUp {
+    /// Bins replaced by a newer one (their sequence numbers lie between the last decoded
+    /// bin and the kept one, or before a restart): reported in `dropped_before`.
+    skipped: u64,
+    /// Duplicates and late bins dropped on the way (counted as out of order).
+    stale: u64,
+}
+
+/// The decoder is behind when the bin at hand is stale (`is_stale`) and newer ones wait:
+/// takes waiting bins while the kept one is stale, keeps the one to decode in `slot`, and
+/// returns the others to `free`. A duplicate or late bin never displaces a fresher one (it is dropped as stale),
+/// and a restart is not lost when newer bins of the restarted stream replace it: they
+/// inherit its restart.
+fn catch_up(
+    slot: &mut BinSlot,
+    ring: &mut impl Consumer<Item = BinSlot>,
+    free: &mut impl Producer<Item = BinSlot>,
+    last: Option<u64>,
+    is_stale: impl Fn(&BinSlot) -> bool,
+) -> CaughtUp {
+    let mut done = CaughtUp::default();
+    while is_stale(slot) {
+        let Some(mut newer) = ring.try_pop() else { break };
+        let kept_is_stale = !is_restart(slot, last) && matches!(last, Some(l) if slot.seq <= l);
+        let newer_restarts = is_restart(&newer, Some(slot.seq));
+        if kept_is_stale || newer_restarts || newer.seq > slot.seq {
+            if !kept_is_stale {
+                newer.restart = newer_restarts || is_restart(slot, last);
+            }
+            let old = std::mem::replace(slot, newer);
+            if kept_is_stale {
+                done.stale += 1;
+            } else {
+                done.skipped += 1;
+            }
+            let _ = free.try_push(old);
+        } else {
+            done.stale += 1;
+            let _ = free.try_push(newer);
+        }
+    }
+    done
+}
 
 impl Decode {
     /// Waits for a bin. Bins come on a clock: sleep until `SPIN_LEAD` before the expected
@@ -87,25 +142,30 @@ impl Decode {
             self.decoder.predict(); // the next bin's prediction, before it arrives
             let predict_ns = monotonic_ns() - t0;
             let Some(mut slot) = self.wait(expected_ns) else { break };
-            let mut skipped = 0u64;
             let now = monotonic_ns();
-            while now.saturating_sub(slot.recv_ns) > self.stale_ns && self.ring.occupied_len() > 0 {
-                if let Some(newer) = self.ring.try_pop() {
-                    let old = std::mem::replace(&mut slot, newer);
-                    let _ = self.free.try_push(old);
-                    skipped += 1;
-                }
-            }
+            let stale_ns = self.stale_ns;
+            let is_stale = |b: &BinSlot| now.saturating_sub(b.recv_ns) > stale_ns;
+            let caught = catch_up(&mut slot, &mut self.ring, &mut self.free, last_seq, is_stale);
+            let skipped = caught.skipped;
+            Counters::add(&c.out_of_order, caught.stale);
             let pop_ns = monotonic_ns();
 
             let mut flags = 0u16;
             let mut dropped_before = 0u64;
-            let restart = slot.restart || matches!(last_seq, Some(l) if slot.seq + REORDER_WINDOW < l);
-            if restart && last_seq.is_some() {
-                self.decoder.reset();
-                flags |= output::FLAG_RESTART | output::FLAG_RESET;
-                Counters::add(&c.restarts, 1);
-                Counters::add(&c.resets, 1);
+            if is_restart(&slot, last_seq) || last_seq.is_none() {
+                if last_seq.is_some() {
+                    self.decoder.reset();
+                    flags |= output::FLAG_RESTART | output::FLAG_RESET;
+                    Counters::add(&c.restarts, 1);
+                    Counters::add(&c.resets, 1);
+                }
+                // Bins skipped before the first bin of a (re)started stream are reported, not
+                // predicted through: the decoder starts from its prior at this one.
+                if skipped > 0 {
+                    flags |= output::FLAG_GAP;
+                    dropped_before = skipped;
+                    Counters::add(&c.skipped, skipped);
+                }
             } else if let Some(l) = last_seq {
                 if slot.seq <= l {
                     Counters::add(&c.out_of_order, 1);
@@ -204,5 +264,63 @@ impl Decode {
             let _ = self.free.try_push(slot);
         }
         self.decoder
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringbuf::traits::Split;
+    use ringbuf::HeapRb;
+
+    fn slot(seq: u64, restart: bool) -> BinSlot {
+        BinSlot { seq, restart, ..BinSlot::new(1, 0) }
+    }
+
+    /// Catches up over `waiting` after `first`: returns the kept bin, its restart flag, and
+    /// what happened to the others (every slot must come back to `free`).
+    fn run(first: BinSlot, waiting: &[(u64, bool)], last: Option<u64>) -> (u64, bool, CaughtUp) {
+        let (mut prod, mut ring) = HeapRb::<BinSlot>::new(16).split();
+        let (mut free, mut back) = HeapRb::<BinSlot>::new(16).split();
+        for &(seq, restart) in waiting {
+            let _ = prod.try_push(slot(seq, restart));
+        }
+        let mut kept = first;
+        let done = catch_up(&mut kept, &mut ring, &mut free, last, |_| true);
+        let returned = std::iter::from_fn(|| back.try_pop()).count() as u64;
+        assert_eq!(returned, done.skipped + done.stale, "every slot not kept goes back");
+        (kept.seq, kept.restart, done)
+    }
+
+    #[test]
+    fn newest_wins_and_the_skipped_are_counted() {
+        assert_eq!(
+            run(slot(11, false), &[(12, false), (13, false)], Some(10)),
+            (13, false, CaughtUp { skipped: 2, stale: 0 })
+        );
+        assert_eq!(run(slot(11, false), &[], Some(10)), (11, false, CaughtUp::default()));
+    }
+
+    #[test]
+    fn late_bins_never_displace_fresher_ones() {
+        // 13 arrives before the late 8 and the duplicate 13: 13 is decoded.
+        let r = run(slot(12, false), &[(13, false), (8, false), (13, false)], Some(11));
+        assert_eq!(r, (13, false, CaughtUp { skipped: 1, stale: 2 }));
+        // A stale bin first in line gives way to the next fresh one without counting as skipped.
+        let r = run(slot(9, false), &[(12, false)], Some(11));
+        assert_eq!(r, (12, false, CaughtUp { skipped: 0, stale: 1 }));
+    }
+
+    #[test]
+    fn a_restart_in_the_backlog_is_not_lost() {
+        // The old stream was at 29; 0 (stream start), 1, 2 of the new one are waiting.
+        let r = run(slot(30, false), &[(0, true), (1, false), (2, false)], Some(29));
+        assert_eq!(r, (2, true, CaughtUp { skipped: 3, stale: 0 }));
+        // Without the flag: a jump back of more than 64 from the newest seen.
+        let r = run(slot(200, false), &[(100, false), (101, false)], Some(150));
+        assert_eq!(r, (101, true, CaughtUp { skipped: 2, stale: 0 }));
+        // A jump back of 64 is a late bin, not a restart.
+        let r = run(slot(200, false), &[(136, false)], Some(150));
+        assert_eq!(r, (200, false, CaughtUp { skipped: 0, stale: 1 }));
     }
 }

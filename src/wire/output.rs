@@ -32,7 +32,7 @@ pub const FLAG_RESET: u16 = 2;
 /// The input bin was refused (malformed payload, wrong channel count, NaN, absurd value).
 pub const FLAG_REJECTED: u16 = 4;
 /// Bins were missing or skipped before this one (`dropped_before` says how many); the
-/// decoder predicted through them.
+/// decoder predicted through them, unless RESET is set too.
 pub const FLAG_GAP: u16 = 8;
 /// The publisher restarted (stream-start flag or sequence reset).
 pub const FLAG_RESTART: u16 = 16;

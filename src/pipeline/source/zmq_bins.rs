@@ -3,6 +3,7 @@
 use super::{BinSlot, Counters, Next, RejectLog, SlotKind, Source};
 use crate::pipeline::clock::monotonic_ns;
 use crate::wire::bin::{self, FLAG_NO_DATA, FLAG_STREAM_START};
+use crate::wire::WireError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,12 +64,23 @@ impl Source for ZmqBinSource {
         let result = if extra_frames > 0 {
             Err(bin::Rejected {
                 header: bin::header(msg).ok(),
-                error: crate::wire::WireError::Length { expected: n, got: n + extra_frames },
+                error: WireError::Length { expected: n, got: n + extra_frames },
             })
         } else if n > self.buf.len() {
-            Err(bin::Rejected {
-                header: bin::header(msg).ok(),
-                error: crate::wire::WireError::Length { expected: self.buf.len() - 1, got: n },
+            // Longer than any valid bin: name what the header says is wrong with it.
+            Err(match bin::header(msg) {
+                Err(error) => bin::Rejected { header: None, error },
+                Ok(h) => bin::Rejected {
+                    header: Some(h),
+                    error: if h.channels != self.channels {
+                        WireError::ChannelCount { got: h.channels, want: self.channels }
+                    } else if h.behavior_dims != 0 && h.behavior_dims != self.behavior_dims {
+                        WireError::BehaviorCount { got: h.behavior_dims, want: self.behavior_dims }
+                    } else {
+                        let expected = bin::HEADER + h.channels * h.dtype.size() + h.behavior_dims * 4;
+                        WireError::Length { expected, got: n }
+                    },
+                },
             })
         } else {
             bin::decode(msg, &mut slot.counts, &mut slot.behavior, self.max_count)

@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Measure latentloop's end-to-end latency from a client's point of view.
+
+One process plays both ends of the loop: a sender thread publishes random bins at a fixed
+rate (absolute-deadline pacing) on a bound XPUB socket, latentloop decodes them, and the
+main thread receives the decoded outputs from latentloop's PUB socket. Every timestamp is
+CLOCK_MONOTONIC in ns (`time.monotonic_ns()`, the clock latentloop stamps `recv_ns` and
+`publish_ns` with), so each bin's journey splits into
+
+    send -> recv_ns        ZeroMQ in (client to latentloop's acquisition thread)
+    recv_ns -> publish_ns  latentloop (ring, filter step, encode)
+    publish_ns -> client   ZeroMQ out
+    send -> client         end to end
+
+The report (JSON, on stdout or --json) gives p50 / p99 / p99.9 / max of each, the deadline
+misses (end to end longer than --deadline-us, default one bin period), and what was lost:
+bins sent without an output, split into those latentloop reported as skipped or missing
+(`dropped_before` of a GAP output) and those lost on the way out. Bins of the first
+--warmup seconds are decoded but left out of the statistics.
+
+Example (latentloop running a config whose [source.zmq] endpoint is tcp://127.0.0.1:5555,
+channels = 128, [output] endpoint = tcp://127.0.0.1:5560):
+    python3 latency_probe.py --channels 128 --rate 1000 --seconds 20 --json probe.json
+
+Needs numpy and pyzmq only.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+import zmq.utils.monitor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import latentloop_wire as wire  # noqa: E402
+
+
+def wait_ready(xpub, mon, timeout_s):
+    """Waits for both: latentloop's subscription on our XPUB (its SUB connected) and our
+    SUB's handshake with latentloop's PUB. Returns what is still missing ('' when ready)."""
+    subscribed = connected = False
+    deadline = time.monotonic() + timeout_s
+    poller = zmq.Poller()
+    poller.register(xpub, zmq.POLLIN)
+    poller.register(mon, zmq.POLLIN)
+    while not (subscribed and connected) and time.monotonic() < deadline:
+        for s, _ in poller.poll(200):
+            if s is xpub and xpub.recv()[:1] == b"\x01":
+                subscribed = True
+            elif s is mon and zmq.utils.monitor.recv_monitor_message(mon)["event"] == \
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected = True
+    missing = []
+    if not subscribed:
+        missing.append("latentloop never subscribed to the bins endpoint")
+    if not connected:
+        missing.append("no connection to latentloop's output endpoint")
+    return "; ".join(missing)
+
+
+def percentiles(values_ns):
+    v = np.asarray(values_ns, np.float64) / 1e3
+    if v.size == 0:
+        return None
+    return {
+        "count": int(v.size),
+        "p50_us": float(np.percentile(v, 50)),
+        "p99_us": float(np.percentile(v, 99)),
+        "p999_us": float(np.percentile(v, 99.9)),
+        "max_us": float(v.max()),
+        "mean_us": float(v.mean()),
+    }
+
+
+class Sender(threading.Thread):
+    def __init__(self, sock, n, rate, channels, mean_count, seed, dtype, spin_ns, stop):
+        super().__init__(name="sender", daemon=True)
+        self.sock, self.n, self.period = sock, n, int(round(1e9 / rate))
+        self.channels, self.mean_count, self.dtype, self.spin_ns = channels, mean_count, dtype, spin_ns
+        self.rng = np.random.default_rng(seed)
+        self.stop = stop
+        self.deadline_ns = np.zeros(n, np.int64)
+        self.send_ns = np.zeros(n, np.int64)
+        self.sent = 0
+        self.t0 = 0
+
+    def run(self):
+        self.t0 = time.monotonic_ns() + self.period
+        for k in range(self.n):
+            if self.stop.is_set():
+                break
+            msg = wire.encode_bin(k, self.rng.poisson(self.mean_count, self.channels), source_ts=k,
+                                  flags=wire.FLAG_STREAM_START if k == 0 else 0, dtype=self.dtype)
+            deadline = self.t0 + k * self.period
+            while (left := deadline - time.monotonic_ns()) > 0:
+                if left > self.spin_ns:
+                    time.sleep((left - self.spin_ns) / 1e9)
+            self.send_ns[k] = time.monotonic_ns()  # just before the send: <= latentloop's recv_ns
+            self.sock.send(msg)
+            self.deadline_ns[k] = deadline
+            self.sent = k + 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Send paced bins to latentloop and receive its outputs in one process; report "
+                    "end-to-end latency percentiles, deadline misses and lost bins as JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--channels", type=int, required=True, help="channels per bin (the rig config's)")
+    p.add_argument("--in-endpoint", default="tcp://127.0.0.1:5555",
+                   help="bins: bind here (latentloop's [source.zmq] endpoint)")
+    p.add_argument("--out-endpoint", default="tcp://127.0.0.1:5560",
+                   help="outputs: connect here (latentloop's [output] endpoint)")
+    p.add_argument("--rate", type=float, default=1000.0, help="bins per second")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of sending")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of bins left out of the statistics")
+    p.add_argument("--deadline-us", type=float, help="end-to-end deadline (default: one bin period)")
+    p.add_argument("--mean-count", type=float, default=0.5, help="mean random count per channel and bin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(wire.DTYPES), default="u16")
+    p.add_argument("--spin-us", type=float, default=0.0,
+                   help="busy-wait this long before each send (holds the GIL: the receiver's stamps "
+                        "may then be late by as much)")
+    p.add_argument("--drain", type=float, default=0.5, help="seconds to wait for the last outputs")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--json", help="write the report here instead of stdout")
+    a = p.parse_args(argv)
+    if a.rate <= 0 or a.seconds <= 0:
+        p.error("--rate and --seconds must be positive")
+    sys.setswitchinterval(1e-4)  # the receiver stamps promptly even while the sender runs
+
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.SNDHWM, 1_000_000)
+    xpub.setsockopt(zmq.LINGER, 0)
+    xpub.bind(a.in_endpoint)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 1_000_000)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    mon = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sub.connect(a.out_endpoint)
+    missing = wait_ready(xpub, mon, a.connect_timeout)
+    sub.disable_monitor()
+    mon.close(0)
+    if missing:
+        print(f"latency_probe: {missing} (within {a.connect_timeout} s)", file=sys.stderr)
+        return 1
+    time.sleep(0.2)  # lets our subscription reach latentloop's PUB
+
+    n = int(round(a.seconds * a.rate))
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sender = Sender(xpub, n, a.rate, a.channels, a.mean_count, a.seed, a.dtype, int(a.spin_us * 1e3), stop)
+    sender.start()
+    outputs = []  # (seq, flags, dropped_before, recv_ns, publish_ns, client_ns)
+    done_at = None
+    while True:
+        if sub.poll(20):
+            msg = sub.recv()
+            client = time.monotonic_ns()
+            o = wire.decode_output(msg)
+            outputs.append((o["seq"], o["flags"], o["dropped_before"], o["recv_ns"], o["publish_ns"], client))
+            if sender.sent and o["seq"] == sender.sent - 1 and not sender.is_alive():
+                break
+        if not sender.is_alive():
+            done_at = done_at or time.monotonic()
+            if time.monotonic() - done_at >= a.drain:
+                break
+    sender.join()
+    sent = sender.sent
+    report = analyse(a, sender, outputs, sent)
+    text = json.dumps(report, indent=2)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    xpub.close()
+    sub.close()
+    ctx.term()
+    return 0
+
+
+def analyse(a, sender, outputs, sent):
+    period_ns = int(round(1e9 / a.rate))
+    deadline_ns = int(a.deadline_us * 1e3) if a.deadline_us is not None else period_ns
+    warm = int(round(a.warmup * a.rate))
+    flags_seen = {}
+    e2e, into, inside, out = [], [], [], []
+    clock_violations = 0
+    answered = set()
+    reported_dropped = 0
+    for seq, flags, dropped, recv_ns, publish_ns, client in outputs:
+        if seq >= sent:
+            continue  # not ours (an earlier stream)
+        answered.add(seq)
+        reported_dropped += dropped
+        name = wire.flag_names(flags)
+        flags_seen[name] = flags_seen.get(name, 0) + 1
+        send = int(sender.send_ns[seq])
+        if not (send <= recv_ns <= publish_ns <= client):
+            clock_violations += 1
+        if seq < warm:
+            continue
+        e2e.append(client - send)
+        into.append(recv_ns - send)
+        inside.append(publish_ns - recv_ns)
+        out.append(client - publish_ns)
+    lost = sent - len(answered)
+    late_sends = int(np.sum(sender.send_ns[:sent] - sender.deadline_ns[:sent] > period_ns))
+    return {
+        "rate_hz": a.rate,
+        "channels": a.channels,
+        "sent": sent,
+        "received": len(answered),
+        "warmup_bins": min(warm, sent),
+        "lost": lost,
+        "lost_reported_by_latentloop": min(reported_dropped, lost),
+        "lost_unexplained": max(lost - reported_dropped, 0),
+        "flags": flags_seen,
+        "deadline_us": deadline_ns / 1e3,
+        "deadline_misses": int(np.sum(np.asarray(e2e, np.int64) > deadline_ns)),
+        "late_sends": late_sends,
+        "clock_violations": clock_violations,
+        "latency": {
+            "end_to_end": percentiles(e2e),
+            "zmq_in": percentiles(into),
+            "latentloop": percentiles(inside),
+            "zmq_out": percentiles(out),
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
