@@ -2,7 +2,9 @@
 //!
 //! - [`linreg`]: least squares / ridge regression with an optional intercept: the one
 //!   mechanism behind the Kalman fit, the state R^2 affine map and behaviour readouts;
-//! - [`kalman`]: the least-squares fit of the Kalman-filter decoder (ALGORITHM.md section 7).
+//! - [`kalman`]: the least-squares fit of the Kalman-filter decoder (ALGORITHM.md section 7);
+//! - [`xfads`]: training of the nonlinear latent-dynamics model (section 6).
 
 pub mod kalman;
 pub mod linreg;
+pub mod xfads;
