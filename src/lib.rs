@@ -8,7 +8,8 @@
 //! - [`model`]: model files and the compiled models;
 //! - [`fit`]: least squares, the Kalman fit, training;
 //! - [`sim`]: synthetic rigs; [`data`]: .npz sessions; [`metrics`]: accuracy measures;
-//! - [`math`]: the allocation-free numerical kernels.
+//! - [`math`]: the allocation-free numerical kernels;
+//! - [`gpu`]: the CUDA backend of the filter (own kernels, NVRTC, CUDA Graphs).
 
 pub mod config;
 pub mod data;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod filter;
 pub mod fit;
+pub mod gpu;
 pub mod kalman;
 pub mod math;
 pub mod metrics;
