@@ -6,6 +6,14 @@
 //   [step low 32 bits, step high 32 bits, flags, unused], flags: LL_HAS_DATA | LL_FROM_PRIOR.
 #pragma once
 
+// Dynamic shared memory. The CPU emulation of the kernels (kernels/emu/, used by
+// tests/gpu_emulated.rs on machines without a GPU) hands out its own block-wide buffer.
+#ifdef LL_EMU
+#define LL_DYN_SMEM(T, name) T* name = (T*)emu_dyn_smem()
+#else
+#define LL_DYN_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 #define LL_HAS_DATA 1u
 #define LL_FROM_PRIOR 2u
 

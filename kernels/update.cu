@@ -353,7 +353,7 @@ extern "C" __global__ void __launch_bounds__(128)
     ll_update_draws(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk, const float* __restrict__ e,
                     const float* __restrict__ wr, const float* __restrict__ mp, const float* __restrict__ scratch,
                     long long sU, const int* __restrict__ okflag, float* __restrict__ z, int S, int L, int R) {
-    extern __shared__ float ll_sh[];
+    LL_DYN_SMEM(float, ll_sh);
     const int b = blockIdx.y, s = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
     const float* eb = e + ((size_t)b * S + s) * L;
     float* zs = z + ((size_t)b * S + s) * L;

@@ -92,7 +92,7 @@ fn runtime() -> Result<&'static Runtime, String> {
 
 /// A kernel argument.
 #[derive(Clone, Copy)]
-enum A {
+pub(super) enum A {
     P(CUdeviceptr),
     I(i32),
     L(i64),
@@ -127,6 +127,154 @@ impl Dims {
     }
 }
 
+/// A kernel launch of the planned step: (name, grid, block, dynamic shared bytes, args).
+pub(super) type Launch = (&'static str, (u32, u32, u32), (u32, u32, u32), u32, Vec<A>);
+
+/// Where the planned step runs: the GPU through cudarc (a CUDA Graph), or, for tests on
+/// machines without one, the kernels compiled as C++ for the CPU (see `super::emu`).
+pub(super) trait Exec {
+    /// A zeroed device buffer of `floats` 4-byte words.
+    fn alloc(&mut self, floats: usize) -> Result<CUdeviceptr, String>;
+    fn upload(&mut self, dst: CUdeviceptr, bytes: &[u8]) -> Result<(), String>;
+    /// The host buffers of the bins (`in_len` words) and the outputs (`out_len` floats).
+    fn host_buffers(&mut self, in_len: usize, out_len: usize) -> Result<(*mut u32, *mut f32), String>;
+    /// Fixes the step: H2D of the input words to `din`, the launches, D2H of the outputs from `dout`.
+    fn prepare(&mut self, ops: Vec<Launch>, din: CUdeviceptr, dout: CUdeviceptr) -> Result<(), String>;
+    /// One step, finished when this returns.
+    fn run(&mut self) -> Result<(), String>;
+    fn download(&mut self, src: CUdeviceptr, dst: &mut [f32]) -> Result<(), String>;
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain-old-data slices (f32, u32) viewed as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn derr(what: &str) -> impl Fn(DriverError) -> String + '_ {
+    move |e| format!("{what}: {e:?}")
+}
+
+/// The GPU: buffers on one stream, the step captured once into a CUDA Graph.
+struct CudaExec {
+    rt: &'static Runtime,
+    stream: Arc<CudaStream>,
+    graph: Option<CudaGraph>,
+    bufs: Vec<CudaSlice<f32>>,
+    input: Option<PinnedHostSlice<u32>>,
+    output: Option<PinnedHostSlice<f32>>,
+    in_ptr: *mut u32,
+    out_ptr: *mut f32,
+    in_len: usize,
+    out_len: usize,
+}
+
+impl CudaExec {
+    fn new() -> Result<CudaExec, String> {
+        let rt = runtime()?;
+        let stream = rt.ctx.new_stream().map_err(derr("cannot create a CUDA stream"))?;
+        Ok(CudaExec {
+            rt,
+            stream,
+            graph: None,
+            bufs: Vec::new(),
+            input: None,
+            output: None,
+            in_ptr: std::ptr::null_mut(),
+            out_ptr: std::ptr::null_mut(),
+            in_len: 0,
+            out_len: 0,
+        })
+    }
+}
+
+impl Exec for CudaExec {
+    fn alloc(&mut self, floats: usize) -> Result<CUdeviceptr, String> {
+        let sl = self.stream.alloc_zeros::<f32>(floats.max(1)).map_err(derr("device allocation"))?;
+        let (p, _) = sl.device_ptr(&self.stream);
+        self.bufs.push(sl);
+        Ok(p)
+    }
+    fn upload(&mut self, dst: CUdeviceptr, bytes: &[u8]) -> Result<(), String> {
+        // On our stream, after the allocation's zeroing (a synchronous copy would run on the
+        // legacy stream, which a non-blocking stream does not order against), then wait.
+        self.rt.ctx.bind_to_thread().map_err(derr("bind the CUDA context"))?;
+        // SAFETY: `dst` is one of our allocations, at least this long (the plan sized it);
+        // `bytes` outlives the copy because we synchronise before returning.
+        unsafe { result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }.map_err(derr("upload"))?;
+        self.stream.synchronize().map_err(derr("synchronise after an upload"))
+    }
+    fn host_buffers(&mut self, in_len: usize, out_len: usize) -> Result<(*mut u32, *mut f32), String> {
+        // The bins: write-combined (the CPU only writes them); the outputs: cached (it reads them).
+        // SAFETY: the contents are set by the caller before any use.
+        let mut input = unsafe { self.rt.ctx.alloc_pinned::<u32>(in_len.max(1)) }.map_err(derr("pinned allocation"))?;
+        let mut output = unsafe { self.rt.ctx.alloc_pinned_with_flags::<f32>(out_len.max(1), 0) }
+            .map_err(derr("pinned allocation"))?;
+        self.in_ptr = input.as_mut_ptr().map_err(derr("pinned buffer"))?;
+        self.out_ptr = output.as_mut_ptr().map_err(derr("pinned buffer"))?;
+        (self.input, self.output, self.in_len, self.out_len) = (Some(input), Some(output), in_len, out_len);
+        Ok((self.in_ptr, self.out_ptr))
+    }
+    fn prepare(&mut self, ops: Vec<Launch>, din: CUdeviceptr, dout: CUdeviceptr) -> Result<(), String> {
+        let stream = &self.stream;
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(derr("begin graph capture"))?;
+        let recorded = (|| -> Result<(), String> {
+            // SAFETY: the pinned buffers outlive the graph (both are owned here), and every
+            // device pointer was allocated with the length the kernels index.
+            unsafe {
+                let src = std::slice::from_raw_parts(self.in_ptr as *const u32, self.in_len);
+                result::memcpy_htod_async(din, src, stream.cu_stream()).map_err(derr("capture H2D copy"))?;
+            }
+            for (name, grid, block, smem, args) in &ops {
+                let func = self.rt.functions.get(name).ok_or_else(|| format!("kernel {name} not loaded"))?;
+                let mut lb = stream.launch_builder(func);
+                for a in args {
+                    match a {
+                        A::P(p) => lb.arg(p),
+                        A::I(i) => lb.arg(i),
+                        A::L(v) => lb.arg(v),
+                        A::F(x) => lb.arg(x),
+                    };
+                }
+                let cfg = LaunchConfig { grid_dim: *grid, block_dim: *block, shared_mem_bytes: *smem };
+                // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu.
+                unsafe { lb.launch(cfg) }.map_err(|e| format!("capture launch of {name}: {e:?}"))?;
+            }
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(self.out_ptr, self.out_len);
+                result::memcpy_dtoh_async(dst, dout, stream.cu_stream()).map_err(derr("capture D2H copy"))?;
+            }
+            Ok(())
+        })();
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph.map_err(derr("instantiate the step graph"))?.ok_or("graph capture recorded nothing")?;
+        graph.upload().map_err(derr("upload the step graph"))?;
+        stream.synchronize().map_err(derr("synchronise after set-up"))?;
+        self.graph = Some(graph);
+        Ok(())
+    }
+    fn run(&mut self) -> Result<(), String> {
+        let g = self.graph.as_ref().ok_or("no step graph")?;
+        g.launch().and_then(|_| self.stream.synchronize()).map_err(|e| format!("graph launch: {e:?}"))
+    }
+    fn download(&mut self, src: CUdeviceptr, dst: &mut [f32]) -> Result<(), String> {
+        self.rt.ctx.bind_to_thread().map_err(derr("bind the CUDA context"))?;
+        // SAFETY: `src` points into one of our allocations with at least dst.len() floats.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(derr("download"))?;
+        self.stream.synchronize().map_err(derr("synchronise"))
+    }
+}
+
+impl Drop for CudaExec {
+    fn drop(&mut self) {
+        // Nothing in flight, then the graph before the buffers it points into.
+        let _ = self.stream.synchronize();
+        self.graph = None;
+    }
+}
+
 /// B XFADS filters on one GPU, stepped together by one graph launch per bin.
 pub struct GpuBatch {
     model: Arc<XfadsModel>,
@@ -134,29 +282,40 @@ pub struct GpuBatch {
     seeds: Vec<u64>,
     steps: Vec<u64>,
     from_prior: Vec<bool>,
-    stream: Arc<CudaStream>,
-    graph: Option<CudaGraph>,
-    /// Device memory, kept alive for the graph (which holds raw pointers into it).
-    _bufs: Vec<CudaSlice<f32>>,
+    exec: Box<dyn Exec>,
     z_ptr: CUdeviceptr,
-    /// Pinned host memory (owned here; used through the raw pointers below).
-    _input: PinnedHostSlice<u32>,
-    _output: PinnedHostSlice<f32>,
     in_ptr: *mut u32,
     out_ptr: *mut f32,
     m0: Vec<f32>,
     last_error: Option<String>,
 }
 
-// SAFETY: the raw pointers point into pinned buffers this value owns; the graph and the
-// stream are only used through `&mut self`, so never from two threads at once.
+// SAFETY: the raw pointers point into host buffers the executor owns; the graph, the stream
+// and the executor are only used through `&mut self`, so never from two threads at once.
 unsafe impl Send for GpuBatch {}
 
 impl GpuBatch {
     /// B = `seeds.len()` decoders of one model, decoder b drawing its noise from seed b.
     pub fn new(model: Arc<XfadsModel>, samples: Option<usize>, seeds: &[u64]) -> Result<GpuBatch, String> {
         let models = vec![model; seeds.len()];
-        Self::build(&models, true, samples, seeds)
+        Self::build(Box::new(CudaExec::new()?), &models, true, samples, seeds)
+    }
+
+    /// The same batch with the kernels compiled as C++ and run on the CPU (a cooperative
+    /// thread-per-fiber emulation of blocks, `kernels/emu/`), built by tests/gpu_emulated.rs:
+    /// checks the kernels' arithmetic and indexing on machines without a GPU. `reverse` runs
+    /// each block's threads in reverse order between barriers, which exposes a missing
+    /// `__syncthreads`. Slow; for tests only.
+    #[doc(hidden)]
+    pub fn emulated(
+        lib: &std::path::Path,
+        model: Arc<XfadsModel>,
+        samples: Option<usize>,
+        seeds: &[u64],
+        reverse: bool,
+    ) -> Result<GpuBatch, String> {
+        let models = vec![model; seeds.len()];
+        Self::build(Box::new(super::emu::Emulator::open(lib, reverse)?), &models, true, samples, seeds)
     }
 
     /// One decoder per model; the models must have the same card (shapes).
@@ -167,10 +326,11 @@ impl GpuBatch {
         if let Some(m) = models.iter().find(|m| m.card != models[0].card) {
             return Err(format!("models of one batch must share a card: {:?} vs {:?}", m.card, models[0].card));
         }
-        Self::build(models, false, samples, seeds)
+        Self::build(Box::new(CudaExec::new()?), models, false, samples, seeds)
     }
 
     fn build(
+        mut exec: Box<dyn Exec>,
         models: &[Arc<XfadsModel>],
         shared: bool,
         samples: Option<usize>,
@@ -180,7 +340,6 @@ impl GpuBatch {
             return Err("a batch needs at least one decoder".into());
         }
         let model = models[0].clone();
-        let rt = runtime()?;
         let m = &*model;
         let (l, n) = (m.latents(), m.channels());
         let r = m.rank();
@@ -209,18 +368,7 @@ impl GpuBatch {
         let blob: Vec<f32> = packs.iter().flat_map(|p| p.data.iter().copied()).collect();
         let pack = &packs[0];
 
-        let stream = rt.ctx.new_stream().map_err(|e| format!("cannot create a CUDA stream: {e:?}"))?;
-        let err = |what: &str| {
-            let what = what.to_string();
-            move |e: DriverError| format!("{what}: {e:?}")
-        };
-        let mut bufs: Vec<CudaSlice<f32>> = Vec::new();
-        let mut alloc = |len: usize| -> Result<CUdeviceptr, String> {
-            let sl = stream.alloc_zeros::<f32>(len.max(1)).map_err(err("device allocation"))?;
-            let (p, _) = sl.device_ptr(&stream);
-            bufs.push(sl);
-            Ok(p)
-        };
+        let mut alloc = |len: usize| exec.alloc(len);
         let (b, s, h) = (d.b, d.s, d.h.max(1));
         let sl = s * l;
         // The input (control words, then the bins) and the output rows, device side.
@@ -251,24 +399,15 @@ impl GpuBatch {
         for mm in models {
             m0all.extend_from_slice(&mm.m0);
         }
-        // SAFETY: destinations were allocated above with at least these lengths; synchronous copies.
+        exec.upload(wts, bytes_of(&blob))?;
+        exec.upload(dkeys, bytes_of(&keys))?;
+        exec.upload(mdev, bytes_of(&m0all))?;
+        let (in_len, out_len) = (b * CTRL + b * n, b * d.outw());
+        let (in_ptr, out_ptr) = exec.host_buffers(in_len, out_len)?;
+        // SAFETY: the executor made both buffers with exactly these lengths.
         unsafe {
-            result::memcpy_htod_sync(wts, &blob).map_err(err("weight upload"))?;
-            result::memcpy_htod_sync(dkeys, &keys).map_err(err("seed upload"))?;
-            result::memcpy_htod_sync(mdev, &m0all).map_err(err("state upload"))?;
-        }
-        // Pinned host buffers: the bins (write-combined: the CPU only writes them) and the
-        // outputs (cached: the CPU reads them).
-        // SAFETY: contents are set below before any use.
-        let mut input = unsafe { rt.ctx.alloc_pinned::<u32>(b * CTRL + b * n) }.map_err(err("pinned allocation"))?;
-        let mut output =
-            unsafe { rt.ctx.alloc_pinned_with_flags::<f32>(b * d.outw(), 0) }.map_err(err("pinned allocation"))?;
-        let in_ptr = input.as_mut_ptr().map_err(err("pinned buffer"))?;
-        let out_ptr = output.as_mut_ptr().map_err(err("pinned buffer"))?;
-        // SAFETY: both buffers have exactly these lengths.
-        unsafe {
-            std::slice::from_raw_parts_mut(in_ptr, b * CTRL + b * n).fill(0);
-            let o = std::slice::from_raw_parts_mut(out_ptr, b * d.outw());
+            std::slice::from_raw_parts_mut(in_ptr, in_len).fill(0);
+            let o = std::slice::from_raw_parts_mut(out_ptr, out_len);
             o.fill(0.0);
             for (bi, mm) in models.iter().enumerate() {
                 let row = &mut o[bi * d.outw()..(bi + 1) * d.outw()];
@@ -286,8 +425,7 @@ impl GpuBatch {
         let y = din + 4 * (b * CTRL) as u64;
         let dummy = wp("none");
 
-        // The step as a list of kernel launches: (name, grid, block, shared bytes, args).
-        type Launch = (&'static str, (u32, u32, u32), (u32, u32, u32), u32, Vec<A>);
+        // The step as a list of kernel launches.
         let mut ops: Vec<Launch> = Vec::new();
         let tile = (32u32, 8u32, 1u32);
         let gemm = |ops: &mut Vec<Launch>,
@@ -593,57 +731,16 @@ impl GpuBatch {
             ],
         ));
 
-        // Capture: H2D bins, the kernels, D2H outputs; one graph replayed every bin.
-        let in_len = b * CTRL + b * n;
-        let out_len = b * d.outw();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(err("begin graph capture"))?;
-        let recorded = (|| -> Result<(), String> {
-            // SAFETY: the pinned buffers outlive the graph (both are owned by the batch), and
-            // every device pointer was allocated above with the length the kernels index.
-            unsafe {
-                let src = std::slice::from_raw_parts(in_ptr as *const u32, in_len);
-                result::memcpy_htod_async(din, src, stream.cu_stream()).map_err(err("capture H2D copy"))?;
-            }
-            for (name, grid, block, smem, args) in &ops {
-                let func = rt.functions.get(name).ok_or_else(|| format!("kernel {name} not loaded"))?;
-                let mut lb = stream.launch_builder(func);
-                for a in args {
-                    match a {
-                        A::P(p) => lb.arg(p),
-                        A::I(i) => lb.arg(i),
-                        A::L(v) => lb.arg(v),
-                        A::F(x) => lb.arg(x),
-                    };
-                }
-                let cfg = LaunchConfig { grid_dim: *grid, block_dim: *block, shared_mem_bytes: *smem };
-                // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu.
-                unsafe { lb.launch(cfg) }.map_err(err(&format!("capture launch of {name}")))?;
-            }
-            unsafe {
-                let dst = std::slice::from_raw_parts_mut(out_ptr, out_len);
-                result::memcpy_dtoh_async(dst, dout, stream.cu_stream()).map_err(err("capture D2H copy"))?;
-            }
-            Ok(())
-        })();
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = graph.map_err(err("instantiate the step graph"))?.ok_or("graph capture recorded nothing")?;
-        graph.upload().map_err(err("upload the step graph"))?;
-        stream.synchronize().map_err(err("synchronise after set-up"))?;
+        // H2D bins, the kernels, D2H outputs: one graph replayed every bin.
+        exec.prepare(ops, din, dout)?;
 
         Ok(GpuBatch {
             d,
             seeds: seeds.to_vec(),
             steps: vec![0; b],
             from_prior: vec![true; b],
-            stream,
-            graph: Some(graph),
-            _bufs: bufs,
+            exec,
             z_ptr: z,
-            _input: input,
-            _output: output,
             in_ptr,
             out_ptr,
             m0: m0all,
@@ -742,12 +839,8 @@ impl GpuBatch {
                 }
             }
         }
-        let launched = match &self.graph {
-            Some(g) => g.launch().and_then(|_| self.stream.synchronize()),
-            None => Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_HANDLE)),
-        };
-        if let Err(e) = launched {
-            self.last_error = Some(format!("graph launch: {e:?}"));
+        if let Err(e) = self.exec.run() {
+            self.last_error = Some(e);
             return Err((0, BinError::Device("the step's CUDA graph failed (see GpuBatch::last_error)")));
         }
         let w = self.d.outw();
@@ -770,28 +863,15 @@ impl GpuBatch {
 
     /// The samples of q_t of decoder b (S x L, rows are samples), copied from the device.
     /// For tests and inspection: allocates and synchronises; not for the per-bin path.
-    pub fn sample_matrix(&self, b: usize) -> Result<Vec<f32>, String> {
+    pub fn sample_matrix(&mut self, b: usize) -> Result<Vec<f32>, String> {
         let sl = self.d.s * self.d.l;
         let mut out = vec![0.0f32; sl];
-        // SAFETY: z holds B x S x L floats.
-        unsafe {
-            result::memcpy_dtoh_async(&mut out, self.z_ptr + (4 * b * sl) as u64, self.stream.cu_stream())
-                .map_err(|e| format!("{e:?}"))?;
-        }
-        self.stream.synchronize().map_err(|e| format!("{e:?}"))?;
+        self.exec.download(self.z_ptr + (4 * b * sl) as u64, &mut out)?;
         Ok(out)
     }
 
     /// Sizes of the pinned transfers per bin, in bytes (input, output), for docs and benches.
     pub fn transfer_bytes(&self) -> (usize, usize) {
         (4 * (self.d.b * CTRL + self.d.b * self.d.n), 4 * self.d.b * self.d.outw())
-    }
-}
-
-impl Drop for GpuBatch {
-    fn drop(&mut self) {
-        // The graph first, then (fields) the buffers it points into.
-        let _ = self.stream.synchronize();
-        self.graph = None;
     }
 }

@@ -19,6 +19,18 @@ impl GpuFilter {
         Ok(GpuFilter { batch, info: [StepInfo { step: 0, predict_only: true, reset: false, kl: 0.0 }] })
     }
 
+    /// The filter run by the CPU emulation of the kernels ([`GpuBatch::emulated`]; tests).
+    #[doc(hidden)]
+    pub fn emulated(
+        lib: &std::path::Path,
+        model: Arc<XfadsModel>,
+        opts: FilterOptions,
+        reverse: bool,
+    ) -> Result<GpuFilter, String> {
+        let batch = GpuBatch::emulated(lib, model, opts.samples, &[opts.seed], reverse)?;
+        Ok(GpuFilter { batch, info: [StepInfo { step: 0, predict_only: true, reset: false, kl: 0.0 }] })
+    }
+
     pub fn batch(&self) -> &GpuBatch {
         &self.batch
     }
@@ -29,7 +41,7 @@ impl GpuFilter {
         self.batch.step_index(0)
     }
     /// Samples of q_t (S x L), copied from the device (allocates; tests and inspection).
-    pub fn sample_matrix(&self) -> Result<Vec<f32>, String> {
+    pub fn sample_matrix(&mut self) -> Result<Vec<f32>, String> {
         self.batch.sample_matrix(0)
     }
 }

@@ -19,6 +19,7 @@
 //! a device inside a panic guard; [`select_backend`] turns the answer into a choice.
 
 mod batch;
+mod emu;
 mod filter;
 pub mod kernels;
 mod weights;
