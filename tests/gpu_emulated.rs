@@ -16,9 +16,32 @@ use latentloop::filter::{Filter, FilterOptions};
 use latentloop::gpu::{kernels, GpuBatch, GpuFilter};
 use latentloop::math::philox::{Normals, Purpose};
 use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
+
+/// Counts this thread's heap allocations (tests run in parallel threads).
+struct Counting;
+thread_local! {
+    static ALLOCS: Cell<usize> = const { Cell::new(0) };
+}
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn emulator() -> Option<PathBuf> {
     static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -98,6 +121,11 @@ fn bins(n: usize, count: usize, gaussian: bool) -> Vec<Option<Vec<f32>>> {
             if t % 13 == 12 {
                 return None;
             }
+            if t == 20 {
+                // Finite but absurd: the potential overflows, the update is refused and the
+                // filter restarts from the prior (StepInfo::reset), on both backends.
+                return Some(vec![3e38; n]);
+            }
             let mut v = vec![0.0f32; n];
             g.fill(t as u64, Purpose::Sim, 0, &mut v);
             if !gaussian {
@@ -131,7 +159,7 @@ fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: boo
     let mut cpu = Filter::new(m.clone(), opts);
     let mut emu = GpuFilter::emulated(lib, m.clone(), opts, reverse)?;
     let data = bins(m.channels(), count, matches!(m.readout, latentloop::model::Readout::Gaussian { .. }));
-    let mut updates = 0;
+    let (mut updates, mut resets) = (0, 0);
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut emu, y.as_deref()).map_err(|e| format!("emulated bin {t}: {e}"))?;
         let b = cpu.step(y.as_deref()).map_err(|e| format!("cpu bin {t}: {e}"))?;
@@ -139,10 +167,14 @@ fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: boo
             return Err(format!("bin {t}: emulated {a:?} vs cpu {b:?}"));
         }
         updates += !b.predict_only as usize;
+        resets += b.reset as usize;
         same("mean", t, emu.mean(), cpu.mean())?;
         same("lag1", t, emu.lag1_mean(), cpu.lag1_mean())?;
         same("behaviour", t, Decoder::behavior(&emu), Decoder::behavior(&cpu))?;
         same("samples", t, &emu.sample_matrix()?, cpu.sample_matrix())?;
+    }
+    if count > 20 && resets != 1 {
+        return Err(format!("expected the absurd bin 20 to reset the filter once, saw {resets} resets"));
     }
     Ok(updates)
 }
@@ -212,4 +244,55 @@ fn emulated_batch_equals_single_decoders() {
             same("samples", t, &batch.sample_matrix(b).unwrap(), cpu.sample_matrix()).unwrap();
         }
     }
+}
+
+#[test]
+fn emulated_gpu_steps_allocate_nothing() {
+    let Some(lib) = emulator() else { return };
+    for (dynamics, update) in [(DynamicsKind::Gru, UpdateKind::Encoder), (DynamicsKind::Node, UpdateKind::Gaussian)] {
+        let m = model(ODD, dynamics, update, true);
+        let mut f = GpuFilter::emulated(&lib, m.clone(), FilterOptions { samples: None, seed: 1 }, false).unwrap();
+        let data = bins(m.channels(), 20, update == UpdateKind::Gaussian);
+        let bad = vec![f32::NAN; m.channels()];
+        let _ = Decoder::step(&mut f, data[0].as_deref()); // first use of the emulator's own buffers
+        let before = ALLOCS.with(|c| c.get());
+        for (t, y) in data.iter().enumerate() {
+            if t % 7 == 5 {
+                assert!(Decoder::step(&mut f, Some(&bad)).is_err());
+            } else {
+                Decoder::predict(&mut f);
+                Decoder::step(&mut f, y.as_deref()).unwrap();
+            }
+        }
+        let n = ALLOCS.with(|c| c.get()) - before;
+        assert_eq!(n, 0, "{dynamics} / {update}: {n} allocations in 20 steps");
+    }
+}
+
+#[test]
+fn emulated_kernels_equal_the_cpu_filter_at_the_reference_sizes() {
+    let Some(lib) = emulator() else { return };
+    const STANDARD: (usize, usize, usize, usize, usize, usize) = (32, 128, 64, 8, 128, 128);
+    const MC_MAZE: (usize, usize, usize, usize, usize, usize) = (40, 182, 24, 15, 128, 256);
+    let mut failures = Vec::new();
+    let mut cases = Vec::new();
+    for size in [STANDARD, MC_MAZE] {
+        for dynamics in [DynamicsKind::Gru, DynamicsKind::Mlp, DynamicsKind::Node, DynamicsKind::Linear] {
+            cases.push((size, dynamics, UpdateKind::Encoder, 30));
+        }
+    }
+    // The exact updates have r = N: one 128 x 128 system per bin.
+    cases.push((STANDARD, DynamicsKind::Mlp, UpdateKind::Gaussian, 8));
+    cases.push((STANDARD, DynamicsKind::Gru, UpdateKind::PoissonLaplace, 8));
+    for (size, dynamics, update, count) in cases {
+        let start = std::time::Instant::now();
+        match compare(&lib, model(size, dynamics, update, false), count, false) {
+            Ok(u) => eprintln!(
+                "{size:?} {dynamics} {update}: {count} bins ({u} updates) identical ({:.1?})",
+                start.elapsed()
+            ),
+            Err(e) => failures.push(format!("{size:?} {dynamics} {update}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

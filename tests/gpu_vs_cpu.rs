@@ -80,6 +80,11 @@ fn bins(n: usize, count: usize, gaussian: bool) -> Vec<Option<Vec<f32>>> {
             if t % 37 == 36 {
                 return None;
             }
+            if t == 20 {
+                // Finite but absurd: the potential overflows, the update is refused and the
+                // filter restarts from the prior (StepInfo::reset), on both backends.
+                return Some(vec![3e38; n]);
+            }
             let mut v = vec![0.0f32; n];
             g.fill(t as u64, Purpose::Sim, 0, &mut v);
             if !gaussian {
@@ -117,7 +122,7 @@ fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool,
     let mut cpu = Filter::new(m.clone(), opts);
     let mut gpu = GpuFilter::new(m.clone(), opts)?;
     let data = bins(sz.n, count, update == UpdateKind::Gaussian);
-    let (mut updates, mut max_rel) = (0usize, 0.0f32);
+    let (mut updates, mut resets, mut max_rel) = (0usize, 0usize, 0.0f32);
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut gpu, y.as_deref()).map_err(|e| format!("gpu bin {t}: {e}"))?;
         let b = cpu.step(y.as_deref()).map_err(|e| format!("cpu bin {t}: {e}"))?;
@@ -128,6 +133,7 @@ fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool,
             return Err(format!("bin {t}: KL gpu {} vs cpu {}", a.kl, b.kl));
         }
         updates += !b.predict_only as usize;
+        resets += b.reset as usize;
         close("mean", t, gpu.mean(), cpu.mean(), 1e-4)?;
         close("lag1", t, gpu.lag1_mean(), cpu.lag1_mean(), 1e-4)?;
         close("behaviour", t, gpu.behavior(), Decoder::behavior(&cpu), 1e-4)?;
@@ -137,6 +143,9 @@ fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool,
         for (x, y) in gpu.mean().iter().zip(cpu.mean()) {
             max_rel = max_rel.max((x - y).abs() / y.abs().max(1e-3));
         }
+    }
+    if resets != 1 {
+        return Err(format!("expected the absurd bin 20 to reset the filter once, saw {resets} resets"));
     }
     eprintln!(
         "{} {dynamics}{} {update}: {count} bins ({updates} updates) agree; max relative mean difference {max_rel:.1e}",

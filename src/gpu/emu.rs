@@ -23,6 +23,8 @@ pub(super) struct Emulator {
     host_in: Vec<u32>,
     host_out: Vec<f32>,
     ops: Vec<CLaunch>,
+    /// Per launch, the argument pointers (into `ops`), made once so a step allocates nothing.
+    argv: Vec<Vec<*mut c_void>>,
     din: CUdeviceptr,
     dout: CUdeviceptr,
 }
@@ -50,6 +52,7 @@ impl Emulator {
             host_in: Vec::new(),
             host_out: Vec::new(),
             ops: Vec::new(),
+            argv: Vec::new(),
             din: 0,
             dout: 0,
         })
@@ -86,6 +89,20 @@ impl Exec for Emulator {
         self.find(din, self.host_in.len())?;
         self.find(dout, self.host_out.len())?;
         self.ops = ops.into_iter().map(|(n, g, b, s, a)| (CString::new(n).unwrap(), g, b, s, a)).collect();
+        self.argv = self
+            .ops
+            .iter_mut()
+            .map(|op| {
+                op.4.iter_mut()
+                    .map(|a| match a {
+                        A::P(p) => p as *mut u64 as *mut c_void,
+                        A::I(i) => i as *mut i32 as *mut c_void,
+                        A::L(v) => v as *mut i64 as *mut c_void,
+                        A::F(x) => x as *mut f32 as *mut c_void,
+                    })
+                    .collect()
+            })
+            .collect();
         (self.din, self.dout) = (din, dout);
         Ok(())
     }
@@ -95,16 +112,7 @@ impl Exec for Emulator {
         unsafe {
             std::ptr::copy_nonoverlapping(self.host_in.as_ptr(), self.din as *mut u32, self.host_in.len());
         }
-        for (name, g, b, smem, args) in &mut self.ops {
-            let mut ptrs: Vec<*mut c_void> = args
-                .iter_mut()
-                .map(|a| match a {
-                    A::P(p) => p as *mut u64 as *mut c_void,
-                    A::I(i) => i as *mut i32 as *mut c_void,
-                    A::L(v) => v as *mut i64 as *mut c_void,
-                    A::F(x) => x as *mut f32 as *mut c_void,
-                })
-                .collect();
+        for ((name, g, b, smem, _), argv) in self.ops.iter().zip(self.argv.iter_mut()) {
             // SAFETY: the library's kernels take exactly these arguments (the same contract
             // as the CUDA launch); every pointer argument is one of our buffers.
             let rc = unsafe {
@@ -117,7 +125,7 @@ impl Exec for Emulator {
                     b.1,
                     b.2,
                     *smem,
-                    ptrs.as_mut_ptr(),
+                    argv.as_mut_ptr(),
                     self.reverse as c_int,
                 )
             };
