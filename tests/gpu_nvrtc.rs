@@ -1,5 +1,6 @@
 //! Every kernel compiles with NVRTC, for sm_80 (A100) and sm_90 (H100), with an empty log:
-//! a warning fails the test like an error. Needs libnvrtc only, no GPU:
+//! a warning fails the test like an error. (NVRTC 12.8 has no -Werror, only
+//! --diag-error=<number> per warning, so the test reads the log.) Needs libnvrtc only, no GPU:
 //!
 //!     eval "$(scripts/install-nvrtc.sh /tmp/nvrtc)"   # prints the LD_LIBRARY_PATH to export
 //!     cargo test --release --test gpu_nvrtc
@@ -68,7 +69,7 @@ fn nvrtc_reports_compile_errors_with_the_log() {
     let err = kernels::compile("extern \"C\" __global__ void broken() { undeclared_thing(); }", "broken.cu", "sm_90")
         .unwrap_err();
     assert!(err.contains("undeclared_thing"), "{err}");
-    // A warning lands in the log, which the test above requires to be empty.
+    // A warning compiles but lands in the log, which the test above requires to be empty.
     let w = kernels::compile("extern \"C\" __global__ void warns() { int unused = 1; }", "warns.cu", "sm_90").unwrap();
-    eprintln!("log of a warning: {:?}", w.log);
+    assert!(w.log.contains("warning") && w.log.contains("unused"), "{:?}", w.log);
 }
