@@ -8,8 +8,7 @@
 //! - [`model`]: model files and the compiled models;
 //! - [`fit`]: least squares, the Kalman fit, training;
 //! - [`sim`]: synthetic rigs; [`data`]: .npz sessions; [`metrics`]: accuracy measures;
-//! - [`math`]: the allocation-free numerical kernels;
-//! - [`gpu`]: the CUDA backend of the filter (own kernels, NVRTC, CUDA Graphs).
+//! - [`math`]: the allocation-free numerical kernels.
 
 pub mod config;
 pub mod data;
