@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::filter::{Filter, FilterOptions};
+use crate::gpu::{Backend, GpuFilter};
 use crate::kalman::{KalmanFilter, KalmanMode, KalmanModel};
 use crate::model::{card, xfads_names, ModelFile, ModelKind, XfadsModel};
 use std::path::Path;
@@ -15,6 +16,10 @@ pub enum BinError {
     WrongLength { got: usize, want: usize },
     #[error("channel {channel} is not finite ({value})")]
     NonFinite { channel: usize, value: f32 },
+    /// The GPU backend failed (a CUDA driver error, e.g. a lost device). Unlike the other
+    /// variants the decoder's state is unknown afterwards: rebuild it.
+    #[error("{0}")]
+    Device(&'static str),
 }
 
 /// What one step did.
@@ -78,6 +83,9 @@ pub struct DecoderOptions {
     /// XFADS: filter samples S (default: the model card's) and the noise seed.
     pub filter: FilterOptions,
     pub kalman: KalmanMode,
+    /// Where an XFADS filter runs (see [`crate::gpu::select_backend`]); Kalman decoders
+    /// always run on the CPU.
+    pub backend: Backend,
 }
 
 impl AnyModel {
@@ -151,10 +159,25 @@ impl AnyModel {
         }
     }
 
+    /// The decoder for `opts.backend`; building the CUDA filter can fail (no device, a driver
+    /// too old for the NVRTC that compiled the kernels, out of memory), and then this says why.
+    pub fn try_decoder(&self, opts: DecoderOptions) -> Result<Box<dyn Decoder>> {
+        Ok(match (self, opts.backend) {
+            (AnyModel::Xfads(m), Backend::Cuda) => Box::new(
+                GpuFilter::new(m.clone(), opts.filter)
+                    .map_err(|why| Error::Invalid(format!("cannot run the filter on the GPU: {why}")))?,
+            ),
+            (AnyModel::Xfads(m), Backend::Cpu) => Box::new(Filter::new(m.clone(), opts.filter)),
+            (AnyModel::Kalman(m), _) => Box::new(KalmanFilter::new(m.clone(), opts.kalman)),
+        })
+    }
+
+    /// [`AnyModel::try_decoder`] that cannot fail: if the CUDA filter cannot be built it says
+    /// so on stderr and decodes on the CPU. Callers that must not fall back use `try_decoder`.
     pub fn decoder(&self, opts: DecoderOptions) -> Box<dyn Decoder> {
-        match self {
-            AnyModel::Xfads(m) => Box::new(Filter::new(m.clone(), opts.filter)),
-            AnyModel::Kalman(m) => Box::new(KalmanFilter::new(m.clone(), opts.kalman)),
-        }
+        self.try_decoder(opts).unwrap_or_else(|e| {
+            eprintln!("warning: {e}; decoding on the CPU");
+            self.try_decoder(DecoderOptions { backend: Backend::Cpu, ..opts }).expect("the CPU decoder always builds")
+        })
     }
 }

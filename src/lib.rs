@@ -17,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod filter;
 pub mod fit;
+pub mod gpu;
 pub mod kalman;
 pub mod math;
 pub mod metrics;

@@ -10,8 +10,9 @@ use latentloop::eval::evaluate;
 use latentloop::filter::FilterOptions;
 use latentloop::fit::kalman::{fit_dataset, KalmanFitOptions};
 use latentloop::fit::xfads::{train, GradMode, TrainOptions};
+use latentloop::gpu::{select_backend, Backend};
 use latentloop::kalman::KalmanMode;
-use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind};
+use latentloop::model::{build, Card, DynamicsKind, Readout, ReadoutKind, UpdateKind};
 use latentloop::pipeline::{self, RunOptions};
 use latentloop::sim::{self, SimConfig, System};
 use std::path::PathBuf;
@@ -252,6 +253,29 @@ struct EvalArgs {
     /// Also write the per-bin outputs (behavior, latents, lag1, rates) to this .npz.
     #[arg(long)]
     outputs: Option<PathBuf>,
+    /// Where the XFADS filter runs: cpu, cuda (an error if CUDA is not usable here) or auto
+    /// (CUDA when available). Kalman models always run on the CPU. A Poisson-readout XFADS
+    /// model is scored from the CPU filter's posterior draws (rates, bits/spike), so eval
+    /// runs it on the CPU whatever the backend; `run` uses the backend for every model.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    backend: BackendArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl BackendArg {
+    fn name(self) -> &'static str {
+        match self {
+            BackendArg::Cpu => "cpu",
+            BackendArg::Cuda => "cuda",
+            BackendArg::Auto => "auto",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -341,13 +365,28 @@ fn dispatch(cmd: Command) -> Result<()> {
         Command::Eval(a) => {
             let model = AnyModel::load(&a.model)?;
             let data = Dataset::read_npz(&a.data)?;
+            let backend = match &model {
+                AnyModel::Xfads(_) => select_backend(a.backend.name()).map_err(Error::Invalid)?,
+                AnyModel::Kalman(_) => Backend::Cpu,
+            };
             let opts = DecoderOptions {
                 filter: FilterOptions { samples: a.samples, seed: a.seed },
                 kalman: match a.kalman_mode {
                     KalmanModeArg::Exact => KalmanMode::Exact,
                     KalmanModeArg::Steady => KalmanMode::SteadyState,
                 },
+                backend,
             };
+            if let (AnyModel::Xfads(m), Backend::Cuda) = (&model, backend) {
+                if matches!(m.readout, Readout::Poisson { .. }) {
+                    eprintln!(
+                        "note: a Poisson-readout model is scored from the CPU filter's posterior draws; eval decodes it on the CPU"
+                    );
+                } else {
+                    // Build it once here so that a CUDA failure is an error, not a fallback.
+                    drop(model.try_decoder(opts)?);
+                }
+            }
             let (report, outputs) = evaluate(&model, &data, opts)?;
             if let Some(p) = &a.outputs {
                 outputs.write_npz(p)?;

@@ -22,6 +22,7 @@ use crate::decoder::{AnyModel, DecoderOptions};
 use crate::error::{Error, Result};
 use crate::filter::FilterOptions;
 use crate::fit::kalman::{fit_dataset, KalmanFitOptions};
+use crate::gpu::{select_backend, Backend};
 use crate::sim::{SimConfig, System};
 use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
@@ -306,10 +307,34 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
     };
 
-    let decoder = model.decoder(DecoderOptions {
-        filter: FilterOptions { samples: cfg.model.samples, seed: cfg.model.seed },
-        ..Default::default()
-    });
+    // [model] backend: where an XFADS filter runs (Kalman decoders always run on the CPU).
+    // "cuda" must be honoured or the run fails; "auto" falls back to the CPU with a warning.
+    let built = (|| -> Result<_> {
+        let backend = match &model {
+            AnyModel::Xfads(_) => select_backend(&cfg.model.backend)
+                .map_err(|msg| Error::Config { path: cfg.path.clone(), msg: format!("[model] backend: {msg}") })?,
+            AnyModel::Kalman(_) => Backend::Cpu,
+        };
+        let dec_opts = DecoderOptions {
+            filter: FilterOptions { samples: cfg.model.samples, seed: cfg.model.seed },
+            backend,
+            ..Default::default()
+        };
+        let decoder =
+            if cfg.model.backend == "auto" { model.decoder(dec_opts) } else { model.try_decoder(dec_opts)? };
+        Ok((backend, decoder))
+    })();
+    let (backend, decoder) = match built {
+        Ok(x) => x,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = acq_thread.join();
+            return Err(e);
+        }
+    };
+    if !opts.quiet && matches!(model, AnyModel::Xfads(_)) {
+        eprintln!("decoding on the {backend}");
+    }
     let dec = decode::Decode {
         decoder,
         ring: ring_cons,

@@ -225,6 +225,26 @@ impl Dynamics {
         }
     }
 
+    /// The compiled weights in compute layout (transposed to in x out; the GRU's r and u
+    /// biases summed), by their field names: what the GPU backend uploads.
+    pub fn compiled_tensors(&self) -> Vec<(&'static str, &[f32])> {
+        match &self.net {
+            Net::Linear { at, a } => vec![("at", at), ("a", a)],
+            Net::Mlp { w1t, b1, w2t, b2 } => vec![("w1t", w1t), ("b1", b1), ("w2t", w2t), ("b2", b2)],
+            Net::Gru { wzh_t, bzh, whh_t, b_r, b_u, b_in, b_hn, wout_t, bout } => vec![
+                ("wzh_t", wzh_t),
+                ("bzh", bzh),
+                ("whh_t", whh_t),
+                ("b_r", b_r),
+                ("b_u", b_u),
+                ("b_in", b_in),
+                ("b_hn", b_hn),
+                ("wout_t", wout_t),
+                ("bout", bout),
+            ],
+        }
+    }
+
     /// One line for logs and bench labels.
     pub fn describe(&self) -> String {
         let rms = if self.rmsnorm { " + RMSNorm" } else { "" };

@@ -1,0 +1,171 @@
+//! Per-bin latency of the CUDA backend (one graph launch: H2D bin, every kernel, D2H
+//! outputs, then the host waits for it) beside the CPU backend in the same run, at the
+//! filter's reference sizes; and the throughput of a batch of 64 decoders at the standard
+//! size (64 bins per launch). Table printed and written to target/gpu_step.md; criterion's
+//! estimate of the standard-size step follows. Without a GPU: prints "skipped: no GPU".
+//!
+//!     cargo bench --bench gpu_step
+
+use criterion::Criterion;
+use latentloop::decoder::{Decoder, StepInfo};
+use latentloop::filter::{Filter, FilterOptions};
+use latentloop::gpu::{availability, GpuBatch, GpuFilter};
+use latentloop::math::philox::{Normals, Purpose};
+use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+struct Size {
+    name: &'static str,
+    l: usize,
+    n: usize,
+    s: usize,
+    r: usize,
+    h: usize,
+    he: usize,
+    dynamics: DynamicsKind,
+}
+
+const SIZES: &[Size] = &[
+    Size { name: "small mlp", l: 8, n: 64, s: 32, r: 4, h: 64, he: 64, dynamics: DynamicsKind::Mlp },
+    Size { name: "standard mlp", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Mlp },
+    Size { name: "standard gru", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Gru },
+    Size { name: "mc_maze gru", l: 40, n: 182, s: 24, r: 15, h: 128, he: 256, dynamics: DynamicsKind::Gru },
+    Size { name: "big mlp", l: 256, n: 1024, s: 128, r: 32, h: 512, he: 512, dynamics: DynamicsKind::Mlp },
+];
+
+fn model(sz: &Size) -> Arc<XfadsModel> {
+    let card = Card {
+        latents: sz.l,
+        channels: sz.n,
+        dt: 0.02,
+        samples: sz.s,
+        dynamics: sz.dynamics,
+        hidden: sz.h,
+        rmsnorm: false,
+        substeps: 1,
+        update: UpdateKind::Encoder,
+        rank: sz.r,
+        encoder_hidden: sz.he,
+        readout: ReadoutKind::Poisson,
+        readout_latents: sz.l,
+        behavior_dims: 2,
+    };
+    Arc::new(XfadsModel::compile(&build::random(&card, 7, 0.05, 0.3)).unwrap())
+}
+
+/// 512 bins of sparse counts (about 0.3 spikes per channel per bin).
+fn bins(n: usize) -> Vec<Vec<f32>> {
+    let g = Normals::new(99);
+    (0..512)
+        .map(|t| {
+            let mut v = vec![0.0f32; n];
+            g.fill(t, Purpose::Sim, 0, &mut v);
+            v.iter_mut().for_each(|x| {
+                *x = if *x > 1.1 {
+                    2.0
+                } else if *x > 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            });
+            v
+        })
+        .collect()
+}
+
+/// p50 and p99 in microseconds of `steps` individually timed calls.
+fn percentiles(steps: usize, mut f: impl FnMut(usize)) -> (f64, f64) {
+    for i in 0..200 {
+        f(i);
+    }
+    let mut t: Vec<f64> = (0..steps)
+        .map(|i| {
+            let s = Instant::now();
+            f(i);
+            s.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (t[t.len() / 2], t[t.len() * 99 / 100])
+}
+
+fn main() {
+    let info = match availability() {
+        Ok(i) => i,
+        Err(why) => {
+            println!("skipped: no GPU ({why})");
+            return;
+        }
+    };
+    let mut md = format!(
+        "# gpu_step: {} (cc {}.{}), driver {}, NVRTC {}.{}\n\n| size | CPU p50 us | CPU p99 us | GPU p50 us | GPU p99 us |\n| --- | --- | --- | --- | --- |\n",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.driver_version,
+        info.nvrtc_version.0,
+        info.nvrtc_version.1
+    );
+    for sz in SIZES {
+        let m = model(sz);
+        let data = bins(sz.n);
+        let opts = FilterOptions { samples: None, seed: 1 };
+        let steps = if sz.l > 100 { 2_000 } else { 10_000 };
+        let mut cpu = Filter::new(m.clone(), opts);
+        let (c50, c99) = percentiles(steps, |i| {
+            cpu.step(Some(&data[i % data.len()])).unwrap();
+        });
+        let mut gpu = GpuFilter::new(m.clone(), opts).unwrap();
+        let (g50, g99) = percentiles(steps, |i| {
+            Decoder::step(&mut gpu, Some(&data[i % data.len()])).unwrap();
+        });
+        let line = format!("| {} | {c50:.1} | {c99:.1} | {g50:.1} | {g99:.1} |\n", sz.name);
+        print!("{line}");
+        md.push_str(&line);
+    }
+
+    // Throughput: 64 decoders at the standard size, one launch per bin for all of them.
+    let sz = &SIZES[1];
+    let m = model(sz);
+    let data = bins(sz.n);
+    let seeds: Vec<u64> = (0..64).collect();
+    let mut batch = GpuBatch::new(m.clone(), None, &seeds).unwrap();
+    let mut infos = vec![StepInfo { step: 0, predict_only: false, reset: false, kl: 0.0 }; 64];
+    let mut ys: Vec<Option<&[f32]>> = vec![None; 64];
+    let (b50, b99) = percentiles(2_000, |i| {
+        for (b, y) in ys.iter_mut().enumerate() {
+            *y = Some(&data[(i + b) % data.len()]);
+        }
+        batch.step(&ys, &mut infos).unwrap();
+    });
+    let mut cpu = Filter::new(m, FilterOptions { samples: None, seed: 1 });
+    let (c50, _) = percentiles(2_000, |i| {
+        cpu.step(Some(&data[i % data.len()])).unwrap();
+    });
+    let _ = write!(
+        md,
+        "\nbatch of 64 standard mlp decoders: p50 {b50:.1} us, p99 {b99:.1} us per launch = {:.0} decoder-bins/s (one CPU core: {:.0})\n",
+        64.0 * 1e6 / b50,
+        1e6 / c50
+    );
+    print!("{}", md.lines().last().unwrap_or_default());
+    println!();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/gpu_step.md");
+    let _ = std::fs::write(&path, &md);
+
+    let mut c = Criterion::default().configure_from_args();
+    let m = model(&SIZES[1]);
+    let data = bins(SIZES[1].n);
+    let mut gpu = GpuFilter::new(m, FilterOptions { samples: None, seed: 1 }).unwrap();
+    let mut i = 0usize;
+    c.bench_function("gpu step standard mlp", |b| {
+        b.iter(|| {
+            i += 1;
+            Decoder::step(&mut gpu, Some(&data[i % data.len()])).unwrap()
+        })
+    });
+    c.final_summary();
+}
