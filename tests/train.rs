@@ -82,3 +82,28 @@ fn training_refuses_what_cannot_work() {
         .to_string();
     assert!(e.contains("valid fraction"), "{e}");
 }
+
+/// The seed makes a run repeatable: the same data, options and seed write the same model.
+#[test]
+fn the_same_seed_trains_the_same_model() {
+    let mut cfg = SimConfig::new(System::Rossler, 8, 2, 3);
+    cfg.behavior_dims = 1;
+    let data = simulate(&cfg, 1200).unwrap();
+    let opts = TrainOptions {
+        latents: 3,
+        samples: 8,
+        rank: 2,
+        hidden: 16,
+        encoder_hidden: 16,
+        epochs: 2,
+        batch: 64,
+        seed: 5,
+        quiet: true,
+        ..TrainOptions::default()
+    };
+    let a = train(&data, &opts).unwrap().file;
+    let b = train(&data, &opts).unwrap().file;
+    assert_eq!(a, b);
+    let c = train(&data, &TrainOptions { seed: 6, ..opts }).unwrap().file;
+    assert_ne!(a, c);
+}

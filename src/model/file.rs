@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A dense f32 tensor, row-major.
@@ -65,17 +65,34 @@ impl ModelFile {
         Ok(ModelFile { meta, tensors })
     }
 
+    /// The safetensors bytes, written here rather than by the crate (which takes the metadata
+    /// as a HashMap) so that the same model always gives the same bytes: header keys sorted,
+    /// tensors in name order, header padded to 8 bytes with spaces as the format asks.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
-            .collect();
-        let views = raw
-            .iter()
-            .map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap()));
-        let meta: HashMap<String, String> = self.meta.clone().into_iter().collect();
-        safetensors::serialize(views, Some(meta)).expect("serialising in-memory tensors cannot fail")
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::to_value(&self.meta).expect("strings serialise"));
+        let mut offset = 0usize;
+        for (name, t) in &self.tensors {
+            let len = 4 * t.data.len();
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+        }
+        let mut json = serde_json::to_vec(&header).expect("header serialises");
+        while json.len() % 8 != 0 {
+            json.push(b' ');
+        }
+        let mut out = Vec::with_capacity(8 + json.len() + offset);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        for t in self.tensors.values() {
+            for v in &t.data {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
     }
 
     /// Writes atomically (temporary file, then rename) so a crash never leaves half a model.
@@ -137,6 +154,7 @@ mod tests {
         f.set_meta("kind", "xfads");
         let bytes = f.to_bytes();
         assert_eq!(ModelFile::from_bytes(&bytes).unwrap(), f);
+        assert_eq!(f.clone().to_bytes(), bytes, "the same model gives the same bytes");
         let err = ModelFile::from_bytes(&bytes[..bytes.len() - 5]).unwrap_err();
         assert!(err.contains("truncated"), "{err}");
         let mut g = f.clone();

@@ -104,6 +104,8 @@ pub struct EpochLog {
     pub seconds: f64,
     pub train_loss: f64,
     pub valid_bits_per_spike: Option<f64>,
+    /// Minibatches skipped because their gradient was not finite.
+    pub skipped_batches: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -187,17 +189,29 @@ fn card_for(o: &TrainOptions, channels: usize, dt: f32) -> Card {
     }
 }
 
-/// The starting model: random weights (dynamics near the identity), and each neuron's log
-/// rate bias at its mean rate in the training block.
+/// The starting model: random weights (dynamics near the identity), each neuron's log rate
+/// bias at its mean rate in the training block, and the encoder's input weights scaled by
+/// 1/sqrt(1 + variance) of each channel's counts, so that its first activations are O(1)
+/// whatever the firing rates (the model still reads raw counts).
 fn initial_model(card: &Card, train: &Dataset, seed: u64) -> ModelFile {
     let mut f = build::random(card, seed, 0.1, 0.5);
     let (t, n) = (train.bins(), train.channels());
-    let mut mean = vec![0.0f64; n];
+    let (mut mean, mut sq) = (vec![0.0f64; n], vec![0.0f64; n]);
     for i in 0..t {
-        mean.iter_mut().zip(train.spikes.row(i)).for_each(|(m, v)| *m += *v as f64);
+        for (j, v) in train.spikes.row(i).iter().enumerate() {
+            mean[j] += *v as f64;
+            sq[j] += (*v as f64) * (*v as f64);
+        }
     }
     let b: Vec<f32> = mean.iter().map(|m| ((m / t as f64).max(1e-3) / card.dt as f64).ln() as f32).collect();
     f.insert("readout.b", FileTensor::vector(b));
+    let w1 = f.tensors.get_mut("encoder.w1").expect("an encoder model");
+    for row in w1.data.chunks_exact_mut(n) {
+        for j in 0..n {
+            let var = sq[j] / t as f64 - (mean[j] / t as f64).powi(2);
+            row[j] /= (1.0 + var).sqrt() as f32;
+        }
+    }
     f
 }
 
@@ -338,7 +352,7 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
         let (_, model) = compile(&p)?;
         let bank = forward_samples(&model, &train, o)?;
         shuffle(&mut starts, o.seed, epoch);
-        let (mut loss_sum, mut batches) = (0.0f64, 0usize);
+        let (mut loss_sum, mut batches, mut skipped) = (0.0f64, 0usize, 0usize);
         for chunk in starts.chunks(per_batch) {
             let loss = minibatch_loss(&p, &op, &card, o, &train, &bank, chunk, &normals, &dev).map_err(candle_err)?;
             let grads = loss.backward().map_err(candle_err)?;
@@ -352,12 +366,21 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
                 .sum();
             let norm = norm2.sqrt();
             if !norm.is_finite() {
-                return Err(Error::Invalid(format!("training diverged at epoch {epoch} (gradient norm {norm})")));
+                // A minibatch whose loss overflowed (extreme counts against a poor model)
+                // teaches nothing: skip it, and give up only if most of an epoch does.
+                skipped += 1;
+                continue;
             }
             adam.step(&vars, &gs, if norm > 1.0 { 1.0 / norm } else { 1.0 }).map_err(candle_err)?;
             p.log_q.set(&p.log_q.as_tensor().clamp(q_floor, f64::INFINITY).map_err(candle_err)?).map_err(candle_err)?;
             loss_sum += loss.to_scalar::<f32>().map_err(candle_err)? as f64;
             batches += 1;
+        }
+        if skipped * 2 > batches + skipped {
+            return Err(Error::Invalid(format!(
+                "training diverged at epoch {epoch}: {skipped} of {} minibatches had a non-finite gradient",
+                batches + skipped
+            )));
         }
         let (file, model) = compile(&p)?;
         let (vr, _) = evaluate(&AnyModel::Xfads(model), &valid, decode)?;
@@ -367,6 +390,7 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
             seconds: t0.elapsed().as_secs_f64(),
             train_loss: loss_sum / batches.max(1) as f64,
             valid_bits_per_spike: vr.bits_per_spike,
+            skipped_batches: skipped,
         };
         bar.set_message(format!(
             "loss {:.3}  held-out bits/spike {:.4}  best {:.4}",
