@@ -50,17 +50,23 @@ pub fn silu(x: f32) -> f32 {
     x * sigmoid(x)
 }
 
-/// Applies `tanh` to every element (one loop the compiler vectorises).
-pub fn tanh_inplace(v: &mut [f32]) {
-    for x in v {
-        *x = tanh(*x);
+super::avx512_twin! {
+    /// x = tanh(x + b) for every row of the row-major `x` (rows of b.len()).
+    pub fn tanh_bias_rows(x: &mut [f32], b: &[f32]) {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bi) in row.iter_mut().zip(b) {
+                *v = tanh(*v + bi);
+            }
+        }
     }
 }
 
-/// Applies `silu` to every element.
-pub fn silu_inplace(v: &mut [f32]) {
-    for x in v {
-        *x = silu(*x);
+super::avx512_twin! {
+    /// Applies `silu` to every element.
+    pub fn silu_inplace(v: &mut [f32]) {
+        for x in v {
+            *x = silu(*x);
+        }
     }
 }
 

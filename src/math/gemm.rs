@@ -124,6 +124,8 @@ pub fn gemv(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha
 
 /// `y = alpha * A^T x + (accumulate ? y : 0)` with A row-major (`rows x cols`): a sum of
 /// scaled rows, which skips rows whose `x` is zero (sparse spike counts are mostly zeros).
+/// Four rows at a time, so `y` is loaded and stored once per four rows; the FMAs are chained
+/// in row order, so the result is that of one row at a time, bit for bit.
 pub fn gemv_t(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha: f32, accumulate: bool) {
     assert!(a.len() >= rows * cols && x.len() >= rows && y.len() >= cols);
     note(Op::GemvT, 1, rows, cols);
@@ -131,9 +133,34 @@ pub fn gemv_t(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alp
     if !accumulate {
         y.fill(0.0);
     }
+    let row = |i: usize| &a[i * cols..(i + 1) * cols];
+    let (mut idx, mut k) = ([0usize; 4], 0);
     for (i, &xi) in x[..rows].iter().enumerate() {
         if xi != 0.0 {
-            axpy(y, alpha * xi, &a[i * cols..(i + 1) * cols]);
+            idx[k] = i;
+            k += 1;
+            if k == 4 {
+                let c = idx.map(|j| alpha * x[j]);
+                axpy4(y, c, [row(idx[0]), row(idx[1]), row(idx[2]), row(idx[3])]);
+                k = 0;
+            }
+        }
+    }
+    for &j in &idx[..k] {
+        axpy(y, alpha * x[j], row(j));
+    }
+}
+
+super::avx512_twin! {
+    /// y += c0 r0 + c1 r1 + c2 r2 + c3 r3, accumulated in that order.
+    fn axpy4(y: &mut [f32], c: [f32; 4], r: [&[f32]; 4]) {
+        let n = y.len();
+        let (r0, r1, r2, r3) = (&r[0][..n], &r[1][..n], &r[2][..n], &r[3][..n]);
+        for j in 0..n {
+            let mut t = c[0].mul_add(r0[j], y[j]);
+            t = c[1].mul_add(r1[j], t);
+            t = c[2].mul_add(r2[j], t);
+            y[j] = c[3].mul_add(r3[j], t);
         }
     }
 }

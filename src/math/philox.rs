@@ -63,20 +63,14 @@ const LANES: usize = 16;
 #[derive(Clone, Copy, Debug)]
 pub struct Normals {
     key: [u32; 2],
-    /// The same code compiled for AVX-512 runs where the CPU has it (checked once here):
-    /// 16-lane products and three-way XORs roughly halve the instructions per normal.
+    /// Whether the AVX-512 compilation may be used (where the CPU has it): 16-lane products
+    /// and three-way XORs roughly halve the instructions per normal. `portable` clears it.
     wide: bool,
 }
 
 impl Normals {
     pub fn new(seed: u64) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        let wide = std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512dq");
-        #[cfg(not(target_arch = "x86_64"))]
-        let wide = false;
-        Normals { key: [seed as u32, (seed >> 32) as u32], wide }
+        Normals { key: [seed as u32, (seed >> 32) as u32], wide: true }
     }
 
     /// The same generator restricted to the portable (AVX2 or scalar) path, for tests and
@@ -87,49 +81,90 @@ impl Normals {
 
     /// Fills `out` with normals 0..out.len() of the stream (step, purpose, sample).
     pub fn fill(&self, step: u64, purpose: Purpose, sample: u32, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.wide {
-            // SAFETY: `wide` is set only when the CPU reports these features.
-            unsafe { self.fill_avx512(step, purpose, sample, out) };
+        let cols = out.len();
+        self.fill_matrix(step, purpose, sample, out, cols)
+    }
+
+    /// Fills a row-major `rows x cols` matrix, row s from stream sample `s`.
+    pub fn fill_rows(&self, step: u64, purpose: Purpose, out: &mut [f32], cols: usize) {
+        self.fill_matrix(step, purpose, 0, out, cols)
+    }
+
+    /// Row i of `out` (rows x cols) is the stream of sample `first + i`. The lanes of a pass
+    /// run over all (row, block) pairs, so short rows (L or r normals) waste no draws.
+    fn fill_matrix(&self, step: u64, purpose: Purpose, first: u32, out: &mut [f32], cols: usize) {
+        if cols == 0 || out.is_empty() {
             return;
         }
-        self.fill_any(step, purpose, sample, out)
+        #[cfg(target_arch = "x86_64")]
+        if self.wide && super::has_avx512() {
+            // SAFETY: `wide` is set only when the CPU reports these features.
+            unsafe { self.fill_avx512(step, purpose, first, out, cols) };
+            return;
+        }
+        self.fill_any(step, purpose, first, out, cols)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512dq")]
-    unsafe fn fill_avx512(&self, step: u64, purpose: Purpose, sample: u32, out: &mut [f32]) {
-        self.fill_any(step, purpose, sample, out)
+    unsafe fn fill_avx512(&self, step: u64, purpose: Purpose, first: u32, out: &mut [f32], cols: usize) {
+        self.fill_any(step, purpose, first, out, cols)
     }
 
     #[inline(always)]
-    fn fill_any(&self, step: u64, purpose: Purpose, sample: u32, out: &mut [f32]) {
+    fn fill_any(&self, step: u64, purpose: Purpose, first: u32, out: &mut [f32], cols: usize) {
         let c2 = step as u32;
         let c3 = purpose as u32 | (((step >> 32) as u32) << 8);
-        let mut chunks = out.chunks_exact_mut(4 * LANES);
-        let mut block = 0u32;
+        let rows = out.len() / cols;
+        let per_row = cols.div_ceil(4);
         let mut buf = [0f32; 4 * LANES];
-        for chunk in &mut chunks {
-            self.normals_block(block, sample, c2, c3, chunk.try_into().unwrap());
-            block += LANES as u32;
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            self.normals_block(block, sample, c2, c3, &mut buf);
-            rest.copy_from_slice(&buf[..rest.len()]);
+        if per_row >= LANES {
+            // Long rows: a pass is LANES consecutive blocks of one row.
+            for (r, row) in out.chunks_exact_mut(cols).enumerate() {
+                for (pass, dst) in row.chunks_mut(4 * LANES).enumerate() {
+                    let c0: [u32; LANES] = std::array::from_fn(|l| (pass * LANES + l) as u32);
+                    let c1 = [first + r as u32; LANES];
+                    match <&mut [f32; 4 * LANES]>::try_from(&mut *dst) {
+                        Ok(full) => self.normals_block(&c0, &c1, c2, c3, full),
+                        Err(_) => {
+                            self.normals_block(&c0, &c1, c2, c3, &mut buf);
+                            dst.copy_from_slice(&buf[..dst.len()]);
+                        }
+                    }
+                }
+            }
+        } else {
+            // Short rows (L or r normals): a pass holds whole rows, in a fixed lane pattern.
+            let per_pass = LANES / per_row;
+            let c0: [u32; LANES] = std::array::from_fn(|l| (l % per_row) as u32);
+            for (pass, dst) in out.chunks_mut(per_pass * cols).enumerate() {
+                let row0 = pass * per_pass;
+                let c1: [u32; LANES] =
+                    std::array::from_fn(|l| first + (row0 + (l / per_row).min(per_pass - 1)).min(rows - 1) as u32);
+                // Rows of whole blocks filling every lane: the pass is already in place.
+                if cols % 4 == 0 && per_pass * per_row == LANES && dst.len() == 4 * LANES {
+                    self.normals_block(&c0, &c1, c2, c3, dst.try_into().unwrap());
+                    continue;
+                }
+                self.normals_block(&c0, &c1, c2, c3, &mut buf);
+                for (k, row) in dst.chunks_mut(cols).enumerate() {
+                    row.copy_from_slice(&buf[4 * per_row * k..4 * per_row * k + cols]);
+                }
+            }
         }
     }
 
-    /// Normals 4*block0 .. 4*block0 + 4*LANES of one stream. The Philox words are made by scalar
-    /// code (64-bit multiplies give both halves at once; AVX2's 32x32 multiply needs
-    /// shuffles that cost more), Box-Muller on 16 lanes at once (ln, sqrt, sincos vectorise).
+    /// The 4 normals of each of LANES blocks (counter words c0, c1 per lane). The Philox
+    /// words are made by scalar code (64-bit multiplies give both halves at once; AVX2's
+    /// 32x32 multiply needs shuffles that cost more), Box-Muller on all lanes at once (ln,
+    /// sqrt, sincos vectorise).
     #[inline(always)]
-    fn normals_block(&self, block0: u32, c1: u32, c2: u32, c3: u32, out: &mut [f32; 4 * LANES]) {
+    fn normals_block(&self, c0: &[u32; LANES], c1: &[u32; LANES], c2: u32, c3: u32, out: &mut [f32; 4 * LANES]) {
         // Radii from words 0 and 2, angles from words 1 and 3.
         let mut rad = [0f32; 2 * LANES];
         let mut ang = [0f32; 2 * LANES];
         for l in 0..LANES {
-            let x = philox4x32_10([block0 + l as u32, c1, c2, c3], self.key);
+            let x = philox4x32_10([c0[l], c1[l], c2, c3], self.key);
             rad[l] = uniform(x[0]);
             ang[l] = uniform(x[1]);
             rad[LANES + l] = uniform(x[2]);
@@ -148,16 +183,6 @@ impl Normals {
             out[4 * l + 1] = sn[l];
             out[4 * l + 2] = cs[LANES + l];
             out[4 * l + 3] = sn[LANES + l];
-        }
-    }
-
-    /// Fills a row-major `rows x cols` matrix, row s from stream sample `s`.
-    pub fn fill_rows(&self, step: u64, purpose: Purpose, out: &mut [f32], cols: usize) {
-        if cols == 0 {
-            return;
-        }
-        for (s, row) in out.chunks_exact_mut(cols).enumerate() {
-            self.fill(step, purpose, s as u32, row);
         }
     }
 }
@@ -192,6 +217,21 @@ mod tests {
         let mut other = vec![0.0; 13];
         g.fill(5, Purpose::Update, 4, &mut other);
         assert_ne!(other, short);
+    }
+
+    #[test]
+    fn a_matrix_fill_is_its_rows_filled_one_by_one() {
+        let g = Normals::new(3);
+        for cols in [1usize, 3, 4, 6, 8, 33] {
+            let rows = 7;
+            let mut m = vec![0.0; rows * cols];
+            g.fill_rows(11, Purpose::PredictDiag, &mut m, cols);
+            for r in 0..rows {
+                let mut row = vec![0.0; cols];
+                g.fill(11, Purpose::PredictDiag, r as u32, &mut row);
+                assert_eq!(&m[r * cols..(r + 1) * cols], &row[..], "cols {cols} row {r}");
+            }
+        }
     }
 
     #[test]

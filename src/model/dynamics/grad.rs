@@ -44,11 +44,7 @@ impl Field<'_> {
         let (l, h) = (self.l, self.h);
         let mut hid = vec![0.0; rows * h];
         gemm(&mut hid, h, m(x, rows, l), m(self.w1t, l, h), 1.0, false);
-        for row in hid.chunks_exact_mut(h) {
-            for (v, b) in row.iter_mut().zip(self.b1) {
-                *v = fast::tanh(*v + b);
-            }
-        }
+        fast::tanh_bias_rows(&mut hid, self.b1);
         gemm(out, l, m(&hid, rows, h), m(self.w2t, h, l), 1.0, false);
         super::add_row(out, self.b2);
         hid

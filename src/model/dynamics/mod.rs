@@ -175,16 +175,7 @@ impl Dynamics {
                 add_row(hin, bzh);
                 let g = &mut scr.gates;
                 gemm(g, 3 * h, MatRef::new(hin, s, h), MatRef::new(whh_t, h, 3 * h), 1.0, false);
-                for (hrow, grow) in hin.chunks_exact_mut(h).zip(g.chunks_exact(3 * h)) {
-                    let (gr, rest) = grow.split_at(h);
-                    let (gu, gn) = rest.split_at(h);
-                    for i in 0..h {
-                        let r = fast::sigmoid(b_r[i] + gr[i]);
-                        let u = fast::sigmoid(b_u[i] + gu[i]);
-                        let n = fast::tanh(r.mul_add(gn[i] + b_hn[i], b_in[i]));
-                        hrow[i] = u.mul_add(hrow[i] - n, n);
-                    }
-                }
+                gru_gates(hin, g, b_r, b_u, b_in, b_hn);
                 gemm(out, l, MatRef::new(hin, s, h), MatRef::new(wout_t, h, l), 1.0, false);
                 add_row(out, bout);
             }
@@ -255,6 +246,23 @@ impl Dynamics {
     }
 }
 
+crate::math::avx512_twin! {
+    /// The GRU cell given h and G = h W_hh^T (rows of 3H): h' = (1 - u) n + u h, in place.
+    fn gru_gates(h: &mut [f32], g: &[f32], b_r: &[f32], b_u: &[f32], b_in: &[f32], b_hn: &[f32]) {
+        let hw = b_r.len();
+        for (hrow, grow) in h.chunks_exact_mut(hw).zip(g.chunks_exact(3 * hw)) {
+            let (gr, rest) = grow.split_at(hw);
+            let (gu, gn) = rest.split_at(hw);
+            for i in 0..hw {
+                let r = fast::sigmoid(b_r[i] + gr[i]);
+                let u = fast::sigmoid(b_u[i] + gu[i]);
+                let n = fast::tanh(r.mul_add(gn[i] + b_hn[i], b_in[i]));
+                hrow[i] = u.mul_add(hrow[i] - n, n);
+            }
+        }
+    }
+}
+
 /// out (+)= W2 tanh(W1 z + b1) + b2 for all S rows (accumulates into `out` when asked).
 #[allow(clippy::too_many_arguments)]
 fn mlp_field(
@@ -271,11 +279,7 @@ fn mlp_field(
     hid: &mut [f32],
 ) {
     gemm(hid, h, MatRef::new(z, s, l), MatRef::new(w1t, l, h), 1.0, false);
-    for row in hid.chunks_exact_mut(h) {
-        for (v, b) in row.iter_mut().zip(b1) {
-            *v = fast::tanh(*v + b);
-        }
-    }
+    fast::tanh_bias_rows(hid, b1);
     gemm(out, l, MatRef::new(hid, s, h), MatRef::new(w2t, h, l), 1.0, accumulate);
     add_row(out, b2);
 }
