@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Measures the pipeline at 1 kHz with the standard mlp model size (L=32, N=128, S=64, r=8,
+# H=128) over ipc and tcp loopback: latentloop decodes bins sent by a pyzmq client
+# (examples/python/latency_probe.py), which receives the outputs and reports send->receive
+# latency; latentloop's own receive->publish histogram comes from its summary.json.
+#
+#   scripts/measure-latency.sh [SECONDS]        (default 65; needs .venv with pyzmq, numpy)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-65}"
+py="${LATENTLOOP_PYTHON:-.venv/bin/python}"
+out=target/latency
+mkdir -p "$out"
+cargo build --release -q
+ll=target/release/latentloop
+$ll random-model --dynamics mlp --latents 32 --channels 128 --samples 64 --rank 8 --hidden 128 \
+    --encoder-hidden 128 --dt 0.001 --out "$out/standard.safetensors" 2>/dev/null
+for transport in ipc tcp; do
+    if [ "$transport" = ipc ]; then
+        in="ipc://$PWD/$out/in.sock"; outp="ipc://$PWD/$out/out.sock"
+    else
+        in="tcp://127.0.0.1:5655"; outp="tcp://127.0.0.1:5660"
+    fi
+    cat > "$out/$transport.toml" <<TOML
+[source]
+kind = "zmq"
+bin_ms = 1.0
+channels = 128
+[source.zmq]
+endpoint = "$in"
+[model]
+path = "standard.safetensors"
+[output]
+endpoint = "$outp"
+[reports]
+dir = "$transport-reports"
+snapshot_seconds = 10.0
+TOML
+    $ll run "$out/$transport.toml" --seconds $((secs + 15)) --quiet &
+    pid=$!
+    sleep 1
+    "$py" examples/python/latency_probe.py --channels 128 --in-endpoint "$in" --out-endpoint "$outp" \
+        --rate 1000 --seconds "$secs" --warmup 2 --json "$out/$transport-probe.json"
+    kill -INT "$pid"
+    wait "$pid"
+done
+"$py" - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+print("| transport | measured by | bins | p50 us | p99 us | p99.9 us | max us | missed 1 ms deadline | lost |")
+print("|---|---|---|---|---|---|---|---|---|")
+for t in ["ipc", "tcp"]:
+    p = json.load(open(f"{out}/{t}-probe.json"))
+    e = p["latency"]["end_to_end"]
+    print(f"| {t} | pyzmq client, send -> receive | {e['count']} | {e['p50_us']:.0f} | {e['p99_us']:.0f} | {e['p999_us']:.0f} | {e['max_us']:.0f} | {p['deadline_misses']} | {p['lost']} |")
+    s = json.load(open(f"{out}/{t}-reports/summary.json"))
+    r = next(x for x in s["stages"] if x["stage"] == "receive_to_publish")
+    print(f"| {t} | latentloop, receive -> publish | {r['count']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p999_us']:.0f} | {r['max_us']:.0f} | {s['deadline_misses']} | {s['counters']['skipped'] + s['counters']['missing']} |")
+PY
