@@ -11,47 +11,22 @@ use criterion::{criterion_group, Criterion};
 use latentloop::filter::{Filter, FilterOptions};
 use latentloop::math::gemm::{self, MatRef, Op, Shape};
 use latentloop::math::philox::{Normals, Purpose};
-use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use latentloop::model::build::{self, Size};
+use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Size {
-    name: &'static str,
-    l: usize,
-    n: usize,
-    s: usize,
-    r: usize,
-    h: usize,
-    he: usize,
-    dynamics: DynamicsKind,
-}
-
-const SIZES: &[Size] = &[
-    Size { name: "small mlp", l: 8, n: 64, s: 32, r: 4, h: 64, he: 64, dynamics: DynamicsKind::Mlp },
-    Size { name: "standard mlp", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Mlp },
-    Size { name: "standard gru", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Gru },
-    Size { name: "mc_maze gru", l: 40, n: 182, s: 24, r: 15, h: 128, he: 256, dynamics: DynamicsKind::Gru },
+/// The sizes: small, standard (mlp and gru), MC_Maze.
+const CASES: [(Size, DynamicsKind); 4] = [
+    (build::SMALL, DynamicsKind::Mlp),
+    (build::STANDARD, DynamicsKind::Mlp),
+    (build::STANDARD, DynamicsKind::Gru),
+    (build::MC_MAZE, DynamicsKind::Gru),
 ];
 
-fn filter_for(sz: &Size) -> Filter {
-    let card = Card {
-        latents: sz.l,
-        channels: sz.n,
-        dt: 0.02,
-        samples: sz.s,
-        dynamics: sz.dynamics,
-        hidden: sz.h,
-        rmsnorm: false,
-        substeps: 1,
-        update: UpdateKind::Encoder,
-        rank: sz.r,
-        encoder_hidden: sz.he,
-        readout: ReadoutKind::Poisson,
-        readout_latents: sz.l,
-        behavior_dims: 2,
-    };
-    let model = XfadsModel::compile(&build::random(&card, 7, 0.05, 0.3)).unwrap();
+fn filter_for(sz: &Size, dynamics: DynamicsKind) -> Filter {
+    let model = XfadsModel::compile(&build::random(&sz.card(dynamics, UpdateKind::Encoder), 7, 0.05, 0.3)).unwrap();
     Filter::new(Arc::new(model), FilterOptions { samples: None, seed: 1 })
 }
 
@@ -109,9 +84,10 @@ fn timed(mut f: impl FnMut(), n: usize) -> Vec<Duration> {
 
 fn bench(c: &mut Criterion) {
     let mut rows = Vec::new();
-    for sz in SIZES {
-        let mut f = filter_for(sz);
-        let data = bins(sz.n);
+    for (sz, dynamics) in &CASES {
+        let name = format!("{} {dynamics}", sz.name);
+        let mut f = filter_for(sz, *dynamics);
+        let data = bins(sz.channels);
         for y in data.iter().take(100) {
             f.step(Some(y)).unwrap();
         }
@@ -121,13 +97,13 @@ fn bench(c: &mut Criterion) {
         let flops: f64 = shapes.iter().map(Shape::flops).sum();
         let mut replay = Replay::new(shapes);
         let mut i = 0usize;
-        c.bench_function(&format!("step/{}", sz.name), |b| {
+        c.bench_function(&format!("step/{name}"), |b| {
             b.iter(|| {
                 i += 1;
                 f.step(Some(&data[i % data.len()])).unwrap()
             })
         });
-        c.bench_function(&format!("products-only/{}", sz.name), |b| b.iter(|| replay.run()));
+        c.bench_function(&format!("products-only/{name}"), |b| b.iter(|| replay.run()));
         let steps = timed(
             || {
                 i += 1;
@@ -149,13 +125,12 @@ fn bench(c: &mut Criterion) {
         update.sort();
         let (p50, p99, floor) = (percentile(&steps, 0.5), percentile(&steps, 0.99), percentile(&products, 0.5));
         rows.push(format!(
-            "| {} | L={} N={} S={} r={} H={} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
-            sz.name,
-            sz.l,
-            sz.n,
-            sz.s,
-            sz.r,
-            sz.h,
+            "| {name} | L={} N={} S={} r={} H={} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            sz.latents,
+            sz.channels,
+            sz.samples,
+            sz.rank,
+            sz.hidden,
             flops / 1e6,
             p50,
             p99,

@@ -11,48 +11,23 @@ use latentloop::decoder::{Decoder, StepInfo};
 use latentloop::filter::{Filter, FilterOptions};
 use latentloop::gpu::{availability, GpuBatch, GpuFilter};
 use latentloop::math::philox::{Normals, Purpose};
-use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use latentloop::model::build::{self, Size};
+use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-struct Size {
-    name: &'static str,
-    l: usize,
-    n: usize,
-    s: usize,
-    r: usize,
-    h: usize,
-    he: usize,
-    dynamics: DynamicsKind,
-}
-
-const SIZES: &[Size] = &[
-    Size { name: "small mlp", l: 8, n: 64, s: 32, r: 4, h: 64, he: 64, dynamics: DynamicsKind::Mlp },
-    Size { name: "standard mlp", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Mlp },
-    Size { name: "standard gru", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128, dynamics: DynamicsKind::Gru },
-    Size { name: "mc_maze gru", l: 40, n: 182, s: 24, r: 15, h: 128, he: 256, dynamics: DynamicsKind::Gru },
-    Size { name: "big mlp", l: 256, n: 1024, s: 128, r: 32, h: 512, he: 512, dynamics: DynamicsKind::Mlp },
+/// The sizes, plus big (where a GPU should pay off).
+const CASES: [(Size, DynamicsKind); 5] = [
+    (build::SMALL, DynamicsKind::Mlp),
+    (build::STANDARD, DynamicsKind::Mlp),
+    (build::STANDARD, DynamicsKind::Gru),
+    (build::MC_MAZE, DynamicsKind::Gru),
+    (build::BIG, DynamicsKind::Mlp),
 ];
 
-fn model(sz: &Size) -> Arc<XfadsModel> {
-    let card = Card {
-        latents: sz.l,
-        channels: sz.n,
-        dt: 0.02,
-        samples: sz.s,
-        dynamics: sz.dynamics,
-        hidden: sz.h,
-        rmsnorm: false,
-        substeps: 1,
-        update: UpdateKind::Encoder,
-        rank: sz.r,
-        encoder_hidden: sz.he,
-        readout: ReadoutKind::Poisson,
-        readout_latents: sz.l,
-        behavior_dims: 2,
-    };
-    Arc::new(XfadsModel::compile(&build::random(&card, 7, 0.05, 0.3)).unwrap())
+fn model(sz: &Size, dynamics: DynamicsKind) -> Arc<XfadsModel> {
+    Arc::new(XfadsModel::compile(&build::random(&sz.card(dynamics, UpdateKind::Encoder), 7, 0.05, 0.3)).unwrap())
 }
 
 /// 512 bins of sparse counts (about 0.3 spikes per channel per bin).
@@ -109,11 +84,11 @@ fn main() {
         info.nvrtc_version.0,
         info.nvrtc_version.1
     );
-    for sz in SIZES {
-        let m = model(sz);
-        let data = bins(sz.n);
+    for (sz, dynamics) in &CASES {
+        let m = model(sz, *dynamics);
+        let data = bins(sz.channels);
         let opts = FilterOptions { samples: None, seed: 1 };
-        let steps = if sz.l > 100 { 2_000 } else { 10_000 };
+        let steps = if sz.latents > 100 { 2_000 } else { 10_000 };
         let mut cpu = Filter::new(m.clone(), opts);
         let (c50, c99) = percentiles(steps, |i| {
             cpu.step(Some(&data[i % data.len()])).unwrap();
@@ -122,15 +97,15 @@ fn main() {
         let (g50, g99) = percentiles(steps, |i| {
             Decoder::step(&mut gpu, Some(&data[i % data.len()])).unwrap();
         });
-        let line = format!("| {} | {c50:.1} | {c99:.1} | {g50:.1} | {g99:.1} |\n", sz.name);
+        let line = format!("| {} {dynamics} | {c50:.1} | {c99:.1} | {g50:.1} | {g99:.1} |\n", sz.name);
         print!("{line}");
         md.push_str(&line);
     }
 
     // Throughput: 64 decoders at the standard size, one launch per bin for all of them.
-    let sz = &SIZES[1];
-    let m = model(sz);
-    let data = bins(sz.n);
+    let sz = &build::STANDARD;
+    let m = model(sz, DynamicsKind::Mlp);
+    let data = bins(sz.channels);
     let seeds: Vec<u64> = (0..64).collect();
     let mut batch = GpuBatch::new(m.clone(), None, &seeds).unwrap();
     let mut infos = vec![StepInfo { step: 0, predict_only: false, reset: false, kl: 0.0 }; 64];
@@ -157,8 +132,8 @@ fn main() {
     let _ = std::fs::write(&path, &md);
 
     let mut c = Criterion::default().configure_from_args();
-    let m = model(&SIZES[1]);
-    let data = bins(SIZES[1].n);
+    let m = model(&build::STANDARD, DynamicsKind::Mlp);
+    let data = bins(build::STANDARD.channels);
     let mut gpu = GpuFilter::new(m, FilterOptions { samples: None, seed: 1 }).unwrap();
     let mut i = 0usize;
     c.bench_function("gpu step standard mlp", |b| {

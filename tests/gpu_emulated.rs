@@ -11,11 +11,13 @@
 //! Without a C++ compiler the tests print why they skipped (LATENTLOOP_REQUIRE_EMU=1 makes
 //! that a failure).
 
+mod common;
+
 use latentloop::decoder::{Decoder, StepInfo};
 use latentloop::filter::{Filter, FilterOptions};
 use latentloop::gpu::{kernels, GpuBatch, GpuFilter};
-use latentloop::math::philox::{Normals, Purpose};
-use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
+use latentloop::model::build::{Size, MC_MAZE, SMALL, STANDARD};
+use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -87,65 +89,6 @@ fn emulator() -> Option<PathBuf> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn model(
-    (l, n, s, r, h, he): (usize, usize, usize, usize, usize, usize),
-    dynamics: DynamicsKind,
-    update: UpdateKind,
-    rmsnorm: bool,
-) -> Arc<XfadsModel> {
-    let card = Card {
-        latents: l,
-        channels: n,
-        dt: 0.02,
-        samples: s,
-        dynamics,
-        hidden: if dynamics == DynamicsKind::Linear { 0 } else { h },
-        rmsnorm,
-        substeps: 2,
-        update,
-        rank: if update == UpdateKind::Encoder { r } else { n },
-        encoder_hidden: if update == UpdateKind::Encoder { he } else { 0 },
-        readout: if update == UpdateKind::Gaussian { ReadoutKind::Gaussian } else { ReadoutKind::Poisson },
-        readout_latents: if update == UpdateKind::PoissonLaplace { l.div_ceil(2) } else { l },
-        behavior_dims: 2,
-    };
-    card.validate().unwrap();
-    Arc::new(XfadsModel::compile(&build::random(&card, 11, 0.05, 0.02)).unwrap())
-}
-
-fn bins(n: usize, count: usize, gaussian: bool) -> Vec<Option<Vec<f32>>> {
-    let g = Normals::new(5);
-    (0..count)
-        .map(|t| {
-            if t % 13 == 12 {
-                return None;
-            }
-            if t == 20 {
-                // Finite but absurd: the potential overflows, the update is refused and the
-                // filter restarts from the prior (StepInfo::reset), on both backends.
-                return Some(vec![3e38; n]);
-            }
-            let mut v = vec![0.0f32; n];
-            g.fill(t as u64, Purpose::Sim, 0, &mut v);
-            if !gaussian {
-                v.iter_mut().for_each(|x| {
-                    *x = if *x > 1.6 {
-                        3.0
-                    } else if *x > 1.1 {
-                        2.0
-                    } else if *x > 0.5 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                });
-            }
-            Some(v)
-        })
-        .collect()
-}
-
 fn same(what: &str, t: usize, a: &[f32], b: &[f32]) -> Result<(), String> {
     match a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) {
         None if a.len() == b.len() => Ok(()),
@@ -158,7 +101,12 @@ fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: boo
     let opts = FilterOptions { samples: None, seed: 42 };
     let mut cpu = Filter::new(m.clone(), opts);
     let mut emu = GpuFilter::emulated(lib, m.clone(), opts, reverse)?;
-    let data = bins(m.channels(), count, matches!(m.readout, latentloop::model::Readout::Gaussian { .. }));
+    let data = common::comparison_bins(
+        m.channels(),
+        count,
+        matches!(m.readout, latentloop::model::Readout::Gaussian { .. }),
+        13,
+    );
     let (mut updates, mut resets) = (0, 0);
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut emu, y.as_deref()).map_err(|e| format!("emulated bin {t}: {e}"))?;
@@ -179,10 +127,10 @@ fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: boo
     Ok(updates)
 }
 
-/// (L, N, S, r, H, He): a small size, and odd shapes that cross the 32-wide tiles and the
-/// 16-term threshold of the eight-way dot products (L = 20, r = N = 18).
-const SMALL: (usize, usize, usize, usize, usize, usize) = (8, 64, 32, 4, 64, 64);
-const ODD: (usize, usize, usize, usize, usize, usize) = (20, 18, 37, 17, 33, 35);
+/// Odd shapes that cross the 32-wide tiles and the 16-term threshold of the eight-way dot
+/// products (L = 20, r = N = 18).
+const ODD: Size =
+    Size { name: "odd", latents: 20, channels: 18, samples: 37, rank: 17, hidden: 33, encoder_hidden: 35 };
 
 #[test]
 fn emulated_kernels_equal_the_cpu_filter_bit_for_bit() {
@@ -191,16 +139,16 @@ fn emulated_kernels_equal_the_cpu_filter_bit_for_bit() {
     for (size, count) in [(SMALL, 40), (ODD, 25)] {
         for update in [UpdateKind::Encoder, UpdateKind::Gaussian, UpdateKind::PoissonLaplace] {
             for dynamics in [DynamicsKind::Gru, DynamicsKind::Mlp, DynamicsKind::Node, DynamicsKind::Linear] {
-                let m = model(size, dynamics, update, false);
+                let m = common::comparison_model(&size, dynamics, update, false);
                 match compare(&lib, m, count, false) {
-                    Ok(u) => eprintln!("{size:?} {dynamics} {update}: {count} bins ({u} updates) identical"),
-                    Err(e) => failures.push(format!("{size:?} {dynamics} {update}: {e}")),
+                    Ok(u) => eprintln!("{} {dynamics} {update}: {count} bins ({u} updates) identical", size.name),
+                    Err(e) => failures.push(format!("{} {dynamics} {update}: {e}", size.name)),
                 }
             }
         }
-        let m = model(size, DynamicsKind::Gru, UpdateKind::Encoder, true);
+        let m = common::comparison_model(&size, DynamicsKind::Gru, UpdateKind::Encoder, true);
         if let Err(e) = compare(&lib, m, count, false) {
-            failures.push(format!("{size:?} gru+rmsnorm: {e}"));
+            failures.push(format!("{} gru+rmsnorm: {e}", size.name));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -214,7 +162,7 @@ fn emulated_kernels_do_not_depend_on_thread_order() {
         (DynamicsKind::Gru, UpdateKind::Gaussian),
         (DynamicsKind::Mlp, UpdateKind::PoissonLaplace),
     ] {
-        let m = model(ODD, dynamics, update, false);
+        let m = common::comparison_model(&ODD, dynamics, update, false);
         compare(&lib, m, 12, true).unwrap_or_else(|e| panic!("{dynamics} {update}, threads in reverse: {e}"));
     }
 }
@@ -222,12 +170,12 @@ fn emulated_kernels_do_not_depend_on_thread_order() {
 #[test]
 fn emulated_batch_equals_single_decoders() {
     let Some(lib) = emulator() else { return };
-    let m = model(SMALL, DynamicsKind::Mlp, UpdateKind::Encoder, false);
+    let m = common::comparison_model(&SMALL, DynamicsKind::Mlp, UpdateKind::Encoder, false);
     let seeds = [3u64, 4, 1 << 40];
     let mut batch = GpuBatch::emulated(&lib, m.clone(), None, &seeds, false).unwrap();
     let mut cpus: Vec<Filter> =
         seeds.iter().map(|&seed| Filter::new(m.clone(), FilterOptions { samples: None, seed })).collect();
-    let data = bins(m.channels(), 30, false);
+    let data = common::comparison_bins(m.channels(), 30, false, 13);
     let mut infos = [StepInfo { step: 0, predict_only: false, reset: false, kl: 0.0 }; 3];
     for t in 0..data.len() {
         let ys: Vec<Option<&[f32]>> = (0..3).map(|b| data[(t + 5 * b) % data.len()].as_deref()).collect();
@@ -250,9 +198,9 @@ fn emulated_batch_equals_single_decoders() {
 fn emulated_gpu_steps_allocate_nothing() {
     let Some(lib) = emulator() else { return };
     for (dynamics, update) in [(DynamicsKind::Gru, UpdateKind::Encoder), (DynamicsKind::Node, UpdateKind::Gaussian)] {
-        let m = model(ODD, dynamics, update, true);
+        let m = common::comparison_model(&ODD, dynamics, update, true);
         let mut f = GpuFilter::emulated(&lib, m.clone(), FilterOptions { samples: None, seed: 1 }, false).unwrap();
-        let data = bins(m.channels(), 20, update == UpdateKind::Gaussian);
+        let data = common::comparison_bins(m.channels(), 20, update == UpdateKind::Gaussian, 13);
         let bad = vec![f32::NAN; m.channels()];
         let _ = Decoder::step(&mut f, data[0].as_deref()); // first use of the emulator's own buffers
         let before = ALLOCS.with(|c| c.get());
@@ -272,8 +220,6 @@ fn emulated_gpu_steps_allocate_nothing() {
 #[test]
 fn emulated_kernels_equal_the_cpu_filter_at_the_reference_sizes() {
     let Some(lib) = emulator() else { return };
-    const STANDARD: (usize, usize, usize, usize, usize, usize) = (32, 128, 64, 8, 128, 128);
-    const MC_MAZE: (usize, usize, usize, usize, usize, usize) = (40, 182, 24, 15, 128, 256);
     let mut failures = Vec::new();
     let mut cases = Vec::new();
     for size in [STANDARD, MC_MAZE] {
@@ -286,12 +232,13 @@ fn emulated_kernels_equal_the_cpu_filter_at_the_reference_sizes() {
     cases.push((STANDARD, DynamicsKind::Gru, UpdateKind::PoissonLaplace, 8));
     for (size, dynamics, update, count) in cases {
         let start = std::time::Instant::now();
-        match compare(&lib, model(size, dynamics, update, false), count, false) {
+        match compare(&lib, common::comparison_model(&size, dynamics, update, false), count, false) {
             Ok(u) => eprintln!(
-                "{size:?} {dynamics} {update}: {count} bins ({u} updates) identical ({:.1?})",
+                "{} {dynamics} {update}: {count} bins ({u} updates) identical ({:.1?})",
+                size.name,
                 start.elapsed()
             ),
-            Err(e) => failures.push(format!("{size:?} {dynamics} {update}: {e}")),
+            Err(e) => failures.push(format!("{} {dynamics} {update}: {e}", size.name)),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -7,12 +7,13 @@
 //! LATENTLOOP_REQUIRE_GPU=1 (set it on GPU machines: then a missing GPU is a failure).
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use latentloop::decoder::{Decoder, StepInfo};
 use latentloop::filter::{Filter, FilterOptions};
 use latentloop::gpu::{availability, GpuBatch, GpuFilter};
-use latentloop::math::philox::{Normals, Purpose};
-use latentloop::model::{build, Card, DynamicsKind, ReadoutKind, UpdateKind, XfadsModel};
-use std::sync::Arc;
+use latentloop::model::build::{Size, SIZES};
+use latentloop::model::{DynamicsKind, UpdateKind};
 
 fn gpu_or_skip() -> bool {
     match availability() {
@@ -33,79 +34,6 @@ fn gpu_or_skip() -> bool {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Size {
-    name: &'static str,
-    l: usize,
-    n: usize,
-    s: usize,
-    r: usize,
-    h: usize,
-    he: usize,
-}
-
-const SIZES: &[Size] = &[
-    Size { name: "small", l: 8, n: 64, s: 32, r: 4, h: 64, he: 64 },
-    Size { name: "standard", l: 32, n: 128, s: 64, r: 8, h: 128, he: 128 },
-    Size { name: "mc_maze", l: 40, n: 182, s: 24, r: 15, h: 128, he: 256 },
-    Size { name: "big", l: 256, n: 1024, s: 128, r: 32, h: 512, he: 512 },
-];
-
-fn model(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool) -> Arc<XfadsModel> {
-    let card = Card {
-        latents: sz.l,
-        channels: sz.n,
-        dt: 0.02,
-        samples: sz.s,
-        dynamics,
-        hidden: if dynamics == DynamicsKind::Linear { 0 } else { sz.h },
-        rmsnorm,
-        substeps: 2,
-        update,
-        rank: if update == UpdateKind::Encoder { sz.r } else { sz.n },
-        encoder_hidden: if update == UpdateKind::Encoder { sz.he } else { 0 },
-        readout: if update == UpdateKind::Gaussian { ReadoutKind::Gaussian } else { ReadoutKind::Poisson },
-        readout_latents: if update == UpdateKind::PoissonLaplace { sz.l.div_ceil(2).max(1) } else { sz.l },
-        behavior_dims: 2,
-    };
-    card.validate().unwrap();
-    Arc::new(XfadsModel::compile(&build::random(&card, 11, 0.05, 0.02)).unwrap())
-}
-
-/// Bins: sparse counts (Poisson readouts) or Gaussian values; every 37th bin has no data.
-fn bins(n: usize, count: usize, gaussian: bool) -> Vec<Option<Vec<f32>>> {
-    let g = Normals::new(5);
-    (0..count)
-        .map(|t| {
-            if t % 37 == 36 {
-                return None;
-            }
-            if t == 20 {
-                // Finite but absurd: the potential overflows, the update is refused and the
-                // filter restarts from the prior (StepInfo::reset), on both backends.
-                return Some(vec![3e38; n]);
-            }
-            let mut v = vec![0.0f32; n];
-            g.fill(t as u64, Purpose::Sim, 0, &mut v);
-            if !gaussian {
-                // About 0.3 spikes per channel per bin, a few 2s and 3s.
-                v.iter_mut().for_each(|x| {
-                    *x = if *x > 1.6 {
-                        3.0
-                    } else if *x > 1.1 {
-                        2.0
-                    } else if *x > 0.5 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                });
-            }
-            Some(v)
-        })
-        .collect()
-}
-
 fn close(what: &str, t: usize, gpu: &[f32], cpu: &[f32], rel: f32) -> Result<(), String> {
     let scale = cpu.iter().fold(1.0f32, |m, x| m.max(x.abs()));
     for (i, (a, b)) in gpu.iter().zip(cpu).enumerate() {
@@ -117,11 +45,11 @@ fn close(what: &str, t: usize, gpu: &[f32], cpu: &[f32], rel: f32) -> Result<(),
 }
 
 fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool, count: usize) -> Result<(), String> {
-    let m = model(sz, dynamics, update, rmsnorm);
+    let m = common::comparison_model(sz, dynamics, update, rmsnorm);
     let opts = FilterOptions { samples: None, seed: 42 };
     let mut cpu = Filter::new(m.clone(), opts);
     let mut gpu = GpuFilter::new(m.clone(), opts)?;
-    let data = bins(sz.n, count, update == UpdateKind::Gaussian);
+    let data = common::comparison_bins(sz.channels, count, update == UpdateKind::Gaussian, 37);
     let (mut updates, mut resets, mut max_rel) = (0usize, 0usize, 0.0f32);
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut gpu, y.as_deref()).map_err(|e| format!("gpu bin {t}: {e}"))?;
@@ -161,7 +89,7 @@ fn run_all(sizes: &[Size]) {
         for update in [UpdateKind::Encoder, UpdateKind::Gaussian, UpdateKind::PoissonLaplace] {
             // r = N for the exact updates: the big size's 1024 x 1024 system per bin is no
             // real-time configuration, so it runs 40 bins there.
-            let count = if update != UpdateKind::Encoder && sz.n > 256 { 40 } else { 500 };
+            let count = if update != UpdateKind::Encoder && sz.channels > 256 { 40 } else { 500 };
             for dynamics in [DynamicsKind::Gru, DynamicsKind::Mlp, DynamicsKind::Node, DynamicsKind::Linear] {
                 if let Err(e) = compare(sz, dynamics, update, false, count) {
                     failures.push(format!("{} {dynamics} {update}: {e}", sz.name));
@@ -195,14 +123,14 @@ fn batch_equals_single_decoders() {
         return;
     }
     for (sz, dynamics) in [(&SIZES[0], DynamicsKind::Mlp), (&SIZES[1], DynamicsKind::Gru)] {
-        let m = model(sz, dynamics, UpdateKind::Encoder, false);
+        let m = common::comparison_model(sz, dynamics, UpdateKind::Encoder, false);
         let seeds = [3u64, 4, 5, 1 << 40];
         let mut batch = GpuBatch::new(m.clone(), None, &seeds).unwrap();
         let mut singles: Vec<GpuFilter> = seeds
             .iter()
             .map(|&seed| GpuFilter::new(m.clone(), FilterOptions { samples: None, seed }).unwrap())
             .collect();
-        let data = bins(sz.n, 200, false);
+        let data = common::comparison_bins(sz.channels, 200, false, 37);
         let mut infos = [StepInfo { step: 0, predict_only: false, reset: false, kl: 0.0 }; 4];
         for t in 0..data.len() {
             // Each decoder sees its own stream: shifted bins, its own missing ones.
@@ -244,7 +172,7 @@ fn batch_equals_single_decoders() {
 #[test]
 fn refused_bins_and_missing_gpu_never_panic() {
     // Works with or without a GPU: without one, building says why instead of panicking.
-    let m = model(&SIZES[0], DynamicsKind::Mlp, UpdateKind::Encoder, false);
+    let m = common::comparison_model(&SIZES[0], DynamicsKind::Mlp, UpdateKind::Encoder, false);
     match GpuFilter::new(m, FilterOptions { samples: None, seed: 1 }) {
         Err(why) => {
             assert!(availability().is_err(), "the GPU is available but the filter failed: {why}");

@@ -128,3 +128,49 @@ pub fn linear_gaussian(
     card.write_meta(&mut f);
     f
 }
+
+/// A model size of the benchmarks and the GPU comparison tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub name: &'static str,
+    pub latents: usize,
+    pub channels: usize,
+    pub samples: usize,
+    pub rank: usize,
+    pub hidden: usize,
+    pub encoder_hidden: usize,
+}
+
+pub const SMALL: Size =
+    Size { name: "small", latents: 8, channels: 64, samples: 32, rank: 4, hidden: 64, encoder_hidden: 64 };
+pub const STANDARD: Size =
+    Size { name: "standard", latents: 32, channels: 128, samples: 64, rank: 8, hidden: 128, encoder_hidden: 128 };
+pub const MC_MAZE: Size =
+    Size { name: "mc_maze", latents: 40, channels: 182, samples: 24, rank: 15, hidden: 128, encoder_hidden: 256 };
+pub const BIG: Size =
+    Size { name: "big", latents: 256, channels: 1024, samples: 128, rank: 32, hidden: 512, encoder_hidden: 512 };
+pub const SIZES: [Size; 4] = [SMALL, STANDARD, MC_MAZE, BIG];
+
+impl Size {
+    /// The card of this size with the given dynamics and update (Poisson readout over all
+    /// latents unless the update is gaussian; 2 behaviour dims; 20 ms bins).
+    pub fn card(&self, dynamics: DynamicsKind, update: UpdateKind) -> Card {
+        let encoder = update == UpdateKind::Encoder;
+        Card {
+            latents: self.latents,
+            channels: self.channels,
+            dt: 0.02,
+            samples: self.samples,
+            dynamics,
+            hidden: if dynamics == DynamicsKind::Linear { 0 } else { self.hidden },
+            rmsnorm: false,
+            substeps: 2,
+            update,
+            rank: if encoder { self.rank } else { self.channels },
+            encoder_hidden: if encoder { self.encoder_hidden } else { 0 },
+            readout: if update == UpdateKind::Gaussian { ReadoutKind::Gaussian } else { ReadoutKind::Poisson },
+            readout_latents: self.latents,
+            behavior_dims: 2,
+        }
+    }
+}

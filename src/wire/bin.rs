@@ -13,7 +13,7 @@
 //! | 32 | N x size | counts |
 //! | ... | D x 4 | behaviour, f32 |
 
-use super::{f32_at, u16_at, u32_at, u64_at, WireError};
+use super::{check_header, f32_at, u16_at, u32_at, u64_at, WireError};
 
 pub const MAGIC: [u8; 4] = *b"LLBN";
 pub const VERSION: u16 = 1;
@@ -68,17 +68,7 @@ pub struct Rejected {
 
 /// Reads the header only.
 pub fn header(msg: &[u8]) -> Result<BinHeader, WireError> {
-    if msg.len() < HEADER {
-        return Err(WireError::TooShort { len: msg.len(), header: HEADER });
-    }
-    let magic: [u8; 4] = msg[0..4].try_into().unwrap();
-    if magic != MAGIC {
-        return Err(WireError::BadMagic(magic));
-    }
-    let v = u16_at(msg, 4);
-    if v != VERSION {
-        return Err(WireError::Version(v));
-    }
+    check_header(msg, MAGIC, VERSION, HEADER)?;
     Ok(BinHeader {
         dtype: Dtype::from_code(u16_at(msg, 6))?,
         channels: u32_at(msg, 8) as usize,

@@ -29,6 +29,21 @@ pub enum WireError {
     Absurd { channel: usize, value: f32, max: f32 },
 }
 
+/// Length, magic and schema version, the same for both schemas.
+pub(crate) fn check_header(msg: &[u8], magic: [u8; 4], version: u16, header: usize) -> Result<(), WireError> {
+    if msg.len() < header {
+        return Err(WireError::TooShort { len: msg.len(), header });
+    }
+    let got: [u8; 4] = msg[0..4].try_into().unwrap();
+    if got != magic {
+        return Err(WireError::BadMagic(got));
+    }
+    match u16_at(msg, 4) {
+        v if v == version => Ok(()),
+        v => Err(WireError::Version(v)),
+    }
+}
+
 pub(crate) fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
 }

@@ -18,7 +18,7 @@
 //! | ... | L x 4 | filtered latent mean m_t, f32 |
 //! | ... | L x 4 | lag-1 smoothed mean m_{t-1\|t}, f32 |
 
-use super::{f32_at, u16_at, u32_at, u64_at, WireError};
+use super::{check_header, f32_at, u16_at, u32_at, u64_at, WireError};
 
 pub const MAGIC: [u8; 4] = *b"LLOT";
 pub const VERSION: u16 = 1;
@@ -91,17 +91,7 @@ pub struct Output {
 }
 
 pub fn decode(msg: &[u8]) -> Result<Output, WireError> {
-    if msg.len() < HEADER {
-        return Err(WireError::TooShort { len: msg.len(), header: HEADER });
-    }
-    let magic: [u8; 4] = msg[0..4].try_into().unwrap();
-    if magic != MAGIC {
-        return Err(WireError::BadMagic(magic));
-    }
-    let v = u16_at(msg, 4);
-    if v != VERSION {
-        return Err(WireError::Version(v));
-    }
+    check_header(msg, MAGIC, VERSION, HEADER)?;
     let (d, l) = (u16_at(msg, 12) as usize, u16_at(msg, 14) as usize);
     if msg.len() != len(d, l) {
         return Err(WireError::Length { expected: len(d, l), got: msg.len() });

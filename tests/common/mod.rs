@@ -53,3 +53,46 @@ pub fn tmpdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+use latentloop::math::philox::{Normals, Purpose};
+use latentloop::model::build::{self, Size};
+use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
+use std::sync::Arc;
+
+/// A model of `size` for comparing backends: the given dynamics and update, and Lr < L for
+/// the point-process update so the rows of K beyond Lr are exercised.
+pub fn comparison_model(size: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool) -> Arc<XfadsModel> {
+    let mut card = size.card(dynamics, update);
+    card.rmsnorm = rmsnorm;
+    if update == UpdateKind::PoissonLaplace {
+        card.readout_latents = size.latents.div_ceil(2);
+    }
+    card.validate().unwrap();
+    Arc::new(XfadsModel::compile(&build::random(&card, 11, 0.05, 0.02)).unwrap())
+}
+
+/// Bins for comparing backends: sparse counts (about 0.3 per channel, a few 2s and 3s) or
+/// Gaussian values; every `missing_every`-th bin has no data, and bin 20 is finite but
+/// absurd (the potential overflows, the update is refused and the filter restarts from
+/// its prior, on every backend).
+pub fn comparison_bins(n: usize, count: usize, gaussian: bool, missing_every: usize) -> Vec<Option<Vec<f32>>> {
+    let g = Normals::new(5);
+    (0..count)
+        .map(|t| {
+            if t % missing_every == missing_every - 1 {
+                return None;
+            }
+            if t == 20 {
+                return Some(vec![3e38; n]);
+            }
+            let mut v = vec![0.0f32; n];
+            g.fill(t as u64, Purpose::Sim, 0, &mut v);
+            if !gaussian {
+                v.iter_mut().for_each(|x| {
+                    *x = [0.0, 1.0, 2.0, 3.0][(*x > 0.5) as usize + (*x > 1.1) as usize + (*x > 1.6) as usize]
+                });
+            }
+            Some(v)
+        })
+        .collect()
+}
