@@ -5,6 +5,8 @@
 # latency; latentloop's own receive->publish histogram comes from its summary.json.
 #
 #   scripts/measure-latency.sh [SECONDS]        (default 65; needs .venv with pyzmq, numpy)
+#   REALTIME=50 scripts/measure-latency.sh      (decode thread under SCHED_FIFO 50; needs root)
+#   PIN=1 ...                                    (decode thread on core 1, the client on core 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-65}"
@@ -36,10 +38,14 @@ endpoint = "$outp"
 dir = "$transport-reports"
 snapshot_seconds = 10.0
 TOML
+    printf '[pipeline]\n' >> "$out/$transport.toml"
+    if [ -n "${REALTIME:-}" ]; then printf 'realtime_priority = %s\n' "$REALTIME" >> "$out/$transport.toml"; fi
+    client=()
+    if [ -n "${PIN:-}" ]; then printf 'decode_core = 1\nacquire_core = 0\n' >> "$out/$transport.toml"; client=(taskset -c 0); fi
     $ll run "$out/$transport.toml" --seconds $((secs + 15)) --quiet &
     pid=$!
     sleep 1
-    "$py" examples/python/latency_probe.py --channels 128 --in-endpoint "$in" --out-endpoint "$outp" \
+    "${client[@]}" "$py" examples/python/latency_probe.py --channels 128 --in-endpoint "$in" --out-endpoint "$outp" \
         --rate 1000 --seconds "$secs" --warmup 2 --json "$out/$transport-probe.json"
     kill -INT "$pid"
     wait "$pid"

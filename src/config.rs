@@ -168,6 +168,10 @@ pub struct PipelineConfig {
     /// long past its due time (lower latency than a wake-up, at the cost of that core).
     #[serde(default = "spin_us")]
     pub spin_us: u64,
+    /// Run the decode thread under SCHED_FIFO at this priority (1-99), so that waking other
+    /// threads (ZeroMQ's I/O thread, the acquisition thread) never preempts a bin. Needs
+    /// root or CAP_SYS_NICE; refused at start if not granted.
+    pub realtime_priority: Option<i32>,
     /// Pin the acquisition / decode threads to these CPU cores.
     pub acquire_core: Option<usize>,
     pub decode_core: Option<usize>,
@@ -178,6 +182,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             ring_capacity: ring_capacity(),
             stale_ms: None,
+            realtime_priority: None,
             max_predict_gap: max_predict_gap(),
             spin_us: spin_us(),
             acquire_core: None,
@@ -348,6 +353,14 @@ impl RigConfig {
                 msg: format!("[model] backend = '{}': expected cpu, cuda or auto", self.model.backend),
             });
         }
+        if let Some(p) = self.pipeline.realtime_priority {
+            if !(1..=99).contains(&p) {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: format!("[pipeline] realtime_priority = {p}: SCHED_FIFO priorities are 1..=99"),
+                });
+            }
+        }
         if self.pipeline.ring_capacity < 2 {
             return Err(Error::Config { path: self.path.clone(), msg: "[pipeline] ring_capacity must be >= 2".into() });
         }
@@ -383,6 +396,8 @@ mod tests {
         assert!(e.contains("line 8") && e.contains("does not exist"), "{e}");
         let e = parse(&GOOD.replace("[source.sim]\nsystem = \"lorenz\"\n", "")).unwrap_err().to_string();
         assert!(e.contains("[source.sim]"), "{e}");
+        let e = parse(&format!("{GOOD}[pipeline]\nrealtime_priority = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("SCHED_FIFO priorities are 1..=99"), "{e}");
         let e = parse(&format!("{GOOD}[calibration]\nseconds = 1.0\n")).unwrap_err().to_string();
         assert!(e.contains("line 8") && e.contains("50 bins"), "{e}");
     }

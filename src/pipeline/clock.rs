@@ -25,3 +25,16 @@ pub fn pin_current_thread(core: usize) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Puts the calling thread under SCHED_FIFO at `priority`.
+pub fn set_realtime(priority: i32) -> Result<(), String> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: sched_setscheduler reads the param we own; 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(format!(
+            "cannot run under SCHED_FIFO priority {priority}: {} (needs root or CAP_SYS_NICE)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}

@@ -41,6 +41,9 @@ pub struct Decode {
     pub stale_ns: u64,
     pub max_gap: u64,
     pub core: Option<usize>,
+    pub realtime: Option<i32>,
+    /// Told whether the thread's set-up (real-time priority) worked, before the first bin.
+    pub ready: crossbeam_channel::Sender<Result<(), String>>,
 }
 
 /// A sequence number this far below the last one is a restarted publisher, not a late bin.
@@ -131,6 +134,12 @@ impl Decode {
             if let Err(e) = super::clock::pin_current_thread(core) {
                 eprintln!("warning: decode thread: {e}");
             }
+        }
+        let setup = self.realtime.map_or(Ok(()), super::clock::set_realtime);
+        let failed = setup.is_err();
+        let _ = self.ready.send(setup);
+        if failed {
+            return self.decoder;
         }
         let (d, l) = (self.decoder.behavior_dims(), self.decoder.latents());
         let mut msg = vec![0u8; output::len(d, l)];

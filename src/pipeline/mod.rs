@@ -335,6 +335,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     if !opts.quiet && matches!(model, AnyModel::Xfads(_)) {
         eprintln!("decoding on the {backend}");
     }
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let dec = decode::Decode {
         decoder,
         ring: ring_cons,
@@ -348,12 +349,20 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         stale_ns: (cfg.pipeline.stale_ms.unwrap_or(2.0 * cfg.bin_seconds() * 1e3) * 1e6) as u64,
         max_gap: cfg.pipeline.max_predict_gap,
         core: cfg.pipeline.decode_core,
+        realtime: cfg.pipeline.realtime_priority,
+        ready: ready_tx,
     };
     let dec_thread = std::thread::Builder::new()
         .name("ll-decode".into())
         .spawn(move || dec.run())
         .map_err(|e| Error::Invalid(format!("cannot start the decode thread: {e}")))?;
     let _ = consumer.set(dec_thread.thread().clone());
+    if let Ok(Err(e)) = ready_rx.recv() {
+        stop.store(true, Ordering::Relaxed);
+        let _ = dec_thread.join();
+        let _ = acq_thread.join();
+        return Err(Error::Config { path: cfg.path.clone(), msg: e });
+    }
 
     // Statistics until stopped.
     let bin_ns = (cfg.bin_seconds() * 1e9) as u64;
