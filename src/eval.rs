@@ -126,8 +126,16 @@ pub fn evaluate(model: &AnyModel, data: &Dataset, opts: DecoderOptions) -> Resul
     let mut dec: Option<Box<dyn Decoder>> = filter.is_none().then(|| model.decoder(opts));
     let (mut z, mut tmp, zero) = (vec![0.0; l], vec![0.0; n], vec![0.0; l]);
     let (mut step_secs, mut predict_only, mut kl_sum) = (0.0f64, 0usize, 0.0f64);
-    for t in 0..t_len {
+    let trial_start = data.trial_start_mask();
+    for (t, &new_trial) in trial_start.iter().enumerate() {
         let y = data.spikes.row(t);
+        if t > 0 && new_trial {
+            if let Some(f) = filter.as_mut() {
+                f.reset();
+            } else if let Some(d) = dec.as_mut() {
+                d.reset();
+            }
+        }
         let info = if let (Some(f), Some(m)) = (filter.as_mut(), poisson.as_ref()) {
             let start = Instant::now();
             f.predict();

@@ -3,7 +3,8 @@
 //! allocation-free per-bin path.
 
 use latentloop::data::{Array2, Dataset};
-use latentloop::decoder::{BinError, Decoder};
+use latentloop::decoder::{AnyModel, BinError, Decoder, DecoderOptions};
+use latentloop::eval::evaluate;
 use latentloop::fit::kalman::{fit, fit_dataset, KalmanFitOptions};
 use latentloop::kalman::{KalmanFilter, KalmanMode, KalmanModel, KalmanParams, SteadyOptions};
 use latentloop::math::philox::{Normals, Purpose};
@@ -289,6 +290,18 @@ fn fit_skips_pairs_across_trial_boundaries() {
     assert!((with.params.w[0] - 0.02).abs() < 0.005, "W with trials {}", with.params.w[0]);
     assert!(without.params.w[0] > 0.2, "W without trials {}", without.params.w[0]);
     assert!(with.params.w[n + 1] < 0.02);
+    // Decoding starts each trial from the prior: evaluating the session equals evaluating
+    // its two trials one after the other.
+    let model = AnyModel::Kalman(Arc::new(with));
+    let (_, whole) = evaluate(&model, &data, DecoderOptions::default()).unwrap();
+    for (a, b) in [(0, half), (half, t)] {
+        let (_, part) = evaluate(&model, &data.slice(a, b), DecoderOptions::default()).unwrap();
+        assert_eq!(part.means, whole.means.rows_range(a, b), "trial {a}..{b}");
+        assert_eq!(part.behavior, whole.behavior.rows_range(a, b), "trial {a}..{b}");
+    }
+    let (_, joined) =
+        evaluate(&model, &Dataset { trial_starts: None, ..data.clone() }, DecoderOptions::default()).unwrap();
+    assert_ne!(joined.means.rows_range(half, t), whole.means.rows_range(half, t));
     let e = fit_dataset(&Dataset { behavior: None, ..data }, &KalmanFitOptions::default()).unwrap_err();
     assert!(e.contains("no behaviour"), "{e}");
 }

@@ -8,7 +8,9 @@
 //! - `dt`      scalar, bin width in seconds
 //! - `latents` T x L_true  true latent state (simulated rigs only)
 //! - `rates`   T x N  true expected counts per bin (simulated rigs only)
-//! - `trial_starts` K  optional, first bin of each trial (int)
+//! - `trial_starts` K  optional, first bin of each trial (int). Trials are concatenated
+//!   recordings, not one stream: decoding (eval) and training start each trial from the prior,
+//!   and nothing pairs the last bin of a trial with the first of the next.
 
 pub mod npz;
 
@@ -57,6 +59,20 @@ impl Dataset {
     pub fn channels(&self) -> usize {
         self.spikes.cols
     }
+    /// Whether bin t begins a trial: bin 0, and every listed trial start.
+    pub fn trial_start_mask(&self) -> Vec<bool> {
+        let mut mask = vec![false; self.bins()];
+        if let Some(m) = mask.first_mut() {
+            *m = true;
+        }
+        for &s in self.trial_starts.iter().flatten() {
+            if let Some(m) = mask.get_mut(s) {
+                *m = true;
+            }
+        }
+        mask
+    }
+
     /// Bins `start..end` (trial starts are shifted and clipped to the range).
     pub fn slice(&self, start: usize, end: usize) -> Dataset {
         let part = |a: &Option<Array2>| a.as_ref().map(|a| a.rows_range(start, end));

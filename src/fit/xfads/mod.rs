@@ -220,11 +220,39 @@ fn forward_samples(model: &Arc<XfadsModel>, data: &Dataset, o: &TrainOptions) ->
     let mut f = Filter::new(model.clone(), FilterOptions { samples: Some(o.samples), seed: o.seed });
     let sl = o.samples * o.latents;
     let mut bank = Vec::with_capacity(data.bins() * sl);
-    for t in 0..data.bins() {
+    let trial_start = data.trial_start_mask();
+    for (t, &new_trial) in trial_start.iter().enumerate() {
+        if t > 0 && new_trial {
+            f.reset();
+        }
         f.step(Some(data.spikes.row(t))).map_err(|e| Error::Invalid(format!("training data, bin {t}: {e}")))?;
         bank.extend_from_slice(f.sample_matrix());
     }
     Ok(bank)
+}
+
+/// The bins whose loss is taken from the samples of the bin before: every bin but a trial's
+/// first (local), or the starts of whole `bptt_len` segments inside one trial (bptt).
+fn loss_starts(train: &Dataset, o: &TrainOptions) -> Vec<usize> {
+    let trial_start = train.trial_start_mask();
+    match o.grad {
+        GradMode::Local => (1..train.bins()).filter(|&t| !trial_start[t]).collect(),
+        GradMode::Bptt => {
+            let mut starts = Vec::new();
+            let mut t = 1;
+            while t + o.bptt_len <= train.bins() {
+                match (t..t + o.bptt_len).find(|&u| trial_start[u]) {
+                    // A segment may not cross into the next trial: restart after its first bin.
+                    Some(u) => t = u + 1,
+                    None => {
+                        starts.push(t);
+                        t += o.bptt_len;
+                    }
+                }
+            }
+            starts
+        }
+    }
 }
 
 /// A deterministic shuffle (Fisher-Yates on Philox uniforms).
@@ -338,11 +366,10 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
     let started = Instant::now();
     let mut history = Vec::new();
     let (mut best_score, mut best_epoch, mut best_file) = (f64::NEG_INFINITY, 0usize, None::<ModelFile>);
-    // Starts: every bin but the first (local), or segment starts (bptt).
-    let mut starts: Vec<usize> = match o.grad {
-        GradMode::Local => (1..n_train).collect(),
-        GradMode::Bptt => (1..n_train - o.bptt_len + 1).step_by(o.bptt_len).collect(),
-    };
+    let mut starts = loss_starts(&train, o);
+    if starts.is_empty() {
+        return Err(Error::Invalid(format!("no trial of the training block is longer than {} bins", o.bptt_len)));
+    }
     let per_batch = match o.grad {
         GradMode::Local => o.batch,
         GradMode::Bptt => (o.batch / o.bptt_len).max(1),
@@ -440,4 +467,24 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
         },
         valid_outputs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_never_pair_bins_across_a_trial_start() {
+        let data = Dataset {
+            spikes: Array2::zeros(40, 2),
+            trial_starts: Some(vec![0, 10, 25, 99]),
+            dt: 0.02,
+            ..Default::default()
+        };
+        let local = loss_starts(&data, &TrainOptions::default());
+        assert_eq!(local.len(), 40 - 3);
+        assert!(![0, 10, 25].iter().any(|t| local.contains(t)));
+        let o = TrainOptions { grad: GradMode::Bptt, bptt_len: 4, ..Default::default() };
+        assert_eq!(loss_starts(&data, &o), vec![1, 5, 11, 15, 19, 26, 30, 34]);
+    }
 }
