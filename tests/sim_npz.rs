@@ -73,7 +73,7 @@ fn npy(descr: &str, shape: &str, fortran: bool, data: &[u8]) -> Vec<u8> {
 
 fn npy_dict(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut h = dict.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');

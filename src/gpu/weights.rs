@@ -14,7 +14,7 @@ pub struct Packed {
 impl Packed {
     fn put(&mut self, name: &'static str, v: &[f32]) {
         // 16-byte alignment of every tensor (float4-friendly, and tidy).
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0.0);
         }
         self.offsets.insert(name, (self.data.len(), v.len()));

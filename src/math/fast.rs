@@ -70,7 +70,7 @@ super::avx512_twin! {
     }
 }
 
-const LN2: f32 = std::f32::consts::LN_2;
+pub(crate) const LN2: f32 = std::f32::consts::LN_2;
 
 /// Natural log of a positive, normal f32. m in [sqrt(1/2), sqrt(2)) and
 /// ln m = 2 atanh(s), s = (m-1)/(m+1), |s| < 0.172: the series to s^9 leaves < 1e-9.
