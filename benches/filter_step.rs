@@ -4,7 +4,8 @@
 //! individually timed steps (median, p99), the step's matrix arithmetic (FLOPs counted from
 //! the products it actually made), the "products-only" floor (the same products, same
 //! shapes, replayed alone in this process), and the update alone with the prediction made
-//! ahead, as `run` does between a bin's arrival and its publication. The table is printed
+//! ahead, as `run` does between a bin's arrival and its publication; the three are timed in
+//! alternating blocks. The table is printed
 //! and written to target/filter_step.md.
 
 use criterion::{criterion_group, Criterion};
@@ -70,18 +71,6 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6
 }
 
-fn timed(mut f: impl FnMut(), n: usize) -> Vec<Duration> {
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 fn bench(c: &mut Criterion) {
     let mut rows = Vec::new();
     for (sz, dynamics) in &CASES {
@@ -104,25 +93,38 @@ fn bench(c: &mut Criterion) {
             })
         });
         c.bench_function(&format!("products-only/{name}"), |b| b.iter(|| replay.run()));
-        let steps = timed(
-            || {
+        // The three timings alternate in blocks of 200 (each warm in cache within its block),
+        // so that a burst of noise from the machine's other tenants falls on all of them
+        // alike and the ratios stay fair.
+        let (blocks, per_block) = (100, 200);
+        let n = blocks * per_block;
+        let (mut steps, mut products, mut update) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..blocks {
+            for _ in 0..per_block {
                 i += 1;
+                let t = Instant::now();
                 f.step(Some(&data[i % data.len()])).unwrap();
-            },
-            20_000,
-        );
-        let products = timed(|| replay.run(), 20_000);
-        // What `run` has between a bin's arrival and its publication: the prediction is made
-        // ahead (untimed here), only the update is timed.
-        let mut update = Vec::with_capacity(20_000);
-        for _ in 0..20_000 {
-            i += 1;
-            f.predict();
-            let t = Instant::now();
-            f.step(Some(&data[i % data.len()])).unwrap();
-            update.push(t.elapsed());
+                steps.push(t.elapsed());
+            }
+            for _ in 0..per_block {
+                let t = Instant::now();
+                replay.run();
+                products.push(t.elapsed());
+            }
+            // What `run` has between a bin's arrival and its publication: the prediction is
+            // made ahead (untimed here), only the update is timed.
+            for _ in 0..per_block {
+                i += 1;
+                f.predict();
+                let t = Instant::now();
+                f.step(Some(&data[i % data.len()])).unwrap();
+                update.push(t.elapsed());
+            }
         }
-        update.sort();
+        for v in [&mut steps, &mut products, &mut update] {
+            v.sort();
+        }
         let (p50, p99, floor) = (percentile(&steps, 0.5), percentile(&steps, 0.99), percentile(&products, 0.5));
         rows.push(format!(
             "| {name} | L={} N={} S={} r={} H={} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
