@@ -277,6 +277,15 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// A small untrained XFADS model (S=16, r=2, hidden widths 16) written to `out`.
+fn small_random_model(out: &Path, latents: usize, channels: usize, extra: &[&str]) {
+    let (l, n) = (latents.to_string(), channels.to_string());
+    let mut args = vec!["random-model", "--latents", &l, "--channels", &n, "--samples", "16", "--rank", "2"];
+    args.extend(["--hidden", "16", "--encoder-hidden", "16", "--out", s(out)]);
+    args.extend(extra);
+    latentloop(&args);
+}
+
 /// An endpoint nobody else uses: a unix socket in `dir`, or a free tcp port when the path
 /// is too long for a unix socket address (108 bytes).
 fn endpoint(dir: &Path, name: &str) -> String {
@@ -360,25 +369,7 @@ impl Rig {
         ]);
         match kind {
             ModelKind::Xfads(latents) => {
-                latentloop(&[
-                    "random-model",
-                    "--latents",
-                    &latents.to_string(),
-                    "--channels",
-                    &ch,
-                    "--samples",
-                    "16",
-                    "--rank",
-                    "2",
-                    "--hidden",
-                    "16",
-                    "--encoder-hidden",
-                    "16",
-                    "--dt",
-                    "0.005",
-                    "--out",
-                    s(&model),
-                ]);
+                small_random_model(&model, latents, CHANNELS, &["--dt", "0.005"]);
             }
             ModelKind::Kalman => {
                 latentloop(&["fit", "kalman", "--data", s(&data), "--out", s(&model)]);
@@ -1015,23 +1006,7 @@ fn sigint_exits_cleanly_and_writes_the_reports() {
 fn config_errors_exit_2_naming_the_line_before_any_socket() {
     let dir = common::tmpdir("pz-config");
     let model = dir.join("model.safetensors");
-    latentloop(&[
-        "random-model",
-        "--latents",
-        "4",
-        "--channels",
-        "8",
-        "--samples",
-        "16",
-        "--rank",
-        "2",
-        "--hidden",
-        "16",
-        "--encoder-hidden",
-        "16",
-        "--out",
-        s(&model),
-    ]);
+    small_random_model(&model, 4, 8, &[]);
     let held_out = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let bins = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     bins.set_nonblocking(true).unwrap();

@@ -12,6 +12,21 @@ use std::process::Command;
 /// `latentloop eval` (the CLI, the runtime filter) on the validation block: its filtered
 /// means are the trainer's own held-out means, to float tolerance (in fact identical: the
 /// same filter, seed and noise).
+/// A model small enough to train for two epochs in a test.
+fn tiny() -> TrainOptions {
+    TrainOptions {
+        latents: 3,
+        samples: 8,
+        rank: 2,
+        hidden: 16,
+        encoder_hidden: 16,
+        epochs: 2,
+        batch: 64,
+        quiet: true,
+        ..TrainOptions::default()
+    }
+}
+
 #[test]
 fn eval_of_the_written_model_reproduces_the_trainers_held_out_means() {
     let dir = common::tmpdir("train_roundtrip");
@@ -19,22 +34,7 @@ fn eval_of_the_written_model_reproduces_the_trainers_held_out_means() {
     cfg.behavior_dims = 2;
     let data = simulate(&cfg, 1500).unwrap();
     for (grad, dynamics) in [(GradMode::Local, DynamicsKind::Node), (GradMode::Bptt, DynamicsKind::Gru)] {
-        let opts = TrainOptions {
-            dynamics,
-            latents: 3,
-            samples: 8,
-            rank: 2,
-            hidden: 16,
-            encoder_hidden: 16,
-            epochs: 2,
-            batch: 64,
-            bptt_len: 8,
-            grad,
-            seed: 77,
-            valid_fraction: 0.2,
-            quiet: true,
-            ..TrainOptions::default()
-        };
+        let opts = TrainOptions { dynamics, bptt_len: 8, grad, seed: 77, valid_fraction: 0.2, ..tiny() };
         let trained = train(&data, &opts).unwrap();
         assert_eq!(trained.report.epochs_run, 2);
         assert!(trained.report.valid.behavior_r2.is_some() && trained.report.valid.bits_per_spike.is_some());
@@ -89,18 +89,7 @@ fn the_same_seed_trains_the_same_model() {
     let mut cfg = SimConfig::new(System::Rossler, 8, 2, 3);
     cfg.behavior_dims = 1;
     let data = simulate(&cfg, 1200).unwrap();
-    let opts = TrainOptions {
-        latents: 3,
-        samples: 8,
-        rank: 2,
-        hidden: 16,
-        encoder_hidden: 16,
-        epochs: 2,
-        batch: 64,
-        seed: 5,
-        quiet: true,
-        ..TrainOptions::default()
-    };
+    let opts = TrainOptions { seed: 5, ..tiny() };
     let a = train(&data, &opts).unwrap().file;
     let b = train(&data, &opts).unwrap().file;
     assert_eq!(a, b);
