@@ -144,11 +144,51 @@ fn bench(c: &mut Criterion) {
         ));
     }
     let table = format!(
-        "| size | shape | MFLOP/step | median us | p99 us | GFLOP/s | products-only median us | step / products | update only (predict ahead) median us | p99 us |\n|---|---|---|---|---|---|---|---|---|---|\n{}\n",
-        rows.join("\n")
+        "| size | shape | MFLOP/step | median us | p99 us | GFLOP/s | products-only median us | step / products | update only (predict ahead) median us | p99 us |\n|---|---|---|---|---|---|---|---|---|---|\n{}\n\n{}",
+        rows.join("\n"),
+        normals(c)
     );
     println!("\n{table}");
     let _ = std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/target/filter_step.md"), &table);
+}
+
+/// The normal draws of one standard step (S x S, S x L and S x r), by the AVX-512 kernel and
+/// by the portable code it must equal, in alternating blocks; a table row.
+fn normals(c: &mut Criterion) -> String {
+    let sz = build::STANDARD;
+    let (s, l, r) = (sz.samples, sz.latents, sz.rank);
+    let mut bufs = [vec![0f32; s * s], vec![0f32; s * l], vec![0f32; s * r]];
+    let mut step = 0u64;
+    let mut draw = |g: &Normals| {
+        step += 1;
+        for (buf, purpose) in bufs.iter_mut().zip([Purpose::PredictMix, Purpose::PredictDiag, Purpose::Update]) {
+            let cols = buf.len() / s;
+            g.fill_rows(step, purpose, buf, cols);
+        }
+        black_box(&bufs);
+    };
+    let (wide, portable) = (Normals::new(1), Normals::portable(1));
+    c.bench_function("normals/standard", |b| b.iter(|| draw(&wide)));
+    c.bench_function("normals/standard portable", |b| b.iter(|| draw(&portable)));
+    let (mut tw, mut tp) = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        for (g, v) in [(&wide, &mut tw), (&portable, &mut tp)] {
+            for _ in 0..200 {
+                let t = Instant::now();
+                draw(g);
+                v.push(t.elapsed());
+            }
+        }
+    }
+    tw.sort();
+    tp.sort();
+    let n = (s * (s + l + r)) as f64;
+    let (w, p) = (percentile(&tw, 0.5), percentile(&tp, 0.5));
+    format!(
+        "| normals of a standard step | count | AVX-512 kernel median us | ns each | portable (AVX2) code median us | portable / kernel |\n|---|---|---|---|---|---|\n| S x (S + L + r) | {n} | {w:.2} | {:.2} | {p:.2} | {:.2} |\n",
+        w * 1e3 / n,
+        p / w
+    )
 }
 
 criterion_group! {
