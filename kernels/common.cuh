@@ -43,14 +43,26 @@ __device__ __forceinline__ void ll_gemm_tile(const float* __restrict__ A, int ld
     float acc[LL_TILE / LL_TROWS];
 #pragma unroll
     for (int q = 0; q < LL_TILE / LL_TROWS; ++q) acc[q] = 0.0f;
-    for (int k0 = 0; k0 < K; k0 += LL_TILE) {
+    // The next tile is loaded into registers while this one is multiplied (the FMA chains
+    // are the same; the wait for memory overlaps the arithmetic).
+    float an[LL_TILE / LL_TROWS], wn[LL_TILE / LL_TROWS];
+    auto fetch = [&](int k0) {
 #pragma unroll
         for (int q = 0; q < LL_TILE / LL_TROWS; ++q) {
             const int r = ty + LL_TROWS * q;
-            As[r][tx] = (row0 + r < M && k0 + tx < K) ? A[(size_t)(row0 + r) * lda + k0 + tx] : 0.0f;
-            Ws[r][tx] = (k0 + r < K && col0 + tx < N) ? W[(size_t)(k0 + r) * ldw + col0 + tx] : 0.0f;
+            an[q] = (row0 + r < M && k0 + tx < K) ? A[(size_t)(row0 + r) * lda + k0 + tx] : 0.0f;
+            wn[q] = (k0 + r < K && col0 + tx < N) ? W[(size_t)(k0 + r) * ldw + col0 + tx] : 0.0f;
+        }
+    };
+    fetch(0);
+    for (int k0 = 0; k0 < K; k0 += LL_TILE) {
+#pragma unroll
+        for (int q = 0; q < LL_TILE / LL_TROWS; ++q) {
+            As[ty + LL_TROWS * q][tx] = an[q];
+            Ws[ty + LL_TROWS * q][tx] = wn[q];
         }
         __syncthreads();
+        if (k0 + LL_TILE < K) fetch(k0 + LL_TILE);
         const int kn = min(LL_TILE, K - k0);
         for (int kk = 0; kk < kn; ++kk) {
             const float w = Ws[kk][tx];

@@ -35,6 +35,25 @@ __device__ __forceinline__ float ll_sigmoid(float x) { return fmaf(0.5f, ll_tanh
 
 __device__ __forceinline__ float ll_silu(float x) { return x * ll_sigmoid(x); }
 
+// e^x as fast::exp: x = n ln2 + r, Taylor to r^7, times 2^n as two normal powers of two.
+__device__ __forceinline__ float ll_exp(float x) {
+    x = ll_clampf(x, -104.0f, 89.0f);
+    const float nf = floorf(x * __uint_as_float(0x3fb8aa3bu) + 0.5f);  // LOG2_E
+    float r = fmaf(-nf, __uint_as_float(0x3f317200u), x);             // LN2_HI
+    r = fmaf(-nf, __uint_as_float(0x35bfbe8eu), r);                   // LN2_LO
+    float p = __uint_as_float(0x39500d01u);                           // 1/5040
+    p = fmaf(p, r, __uint_as_float(0x3ab60b61u));                     // 1/720
+    p = fmaf(p, r, __uint_as_float(0x3c088889u));                     // 1/120
+    p = fmaf(p, r, __uint_as_float(0x3d2aaaabu));                     // 1/24
+    p = fmaf(p, r, __uint_as_float(0x3e2aaaabu));                     // 1/6
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    const int n = (int)nf;
+    const int n1 = n >> 1, n2 = n - (n >> 1);
+    return (p * __uint_as_float((unsigned int)(n1 + 127) << 23)) * __uint_as_float((unsigned int)(n2 + 127) << 23);
+}
+
 // ln u for a positive normal f32: 2 atanh((m-1)/(m+1)) to s^9 plus e ln 2.
 __device__ __forceinline__ float ll_ln(float u) {
     const unsigned int bits = __float_as_uint(u);
@@ -96,4 +115,44 @@ __device__ __forceinline__ float ll_dot(const float* a, int sa, const float* b, 
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (int i = nc; i < n; ++i) s = fmaf(a[i * sa], b[i * sb], s);
     return s;
+}
+
+// acc + sum of xs x[i] w[i sw] over i = 0 .. n-1 in order, skipping x[i] = 0 (math::gemm's
+// gemv_t skips zero inputs): one sequential FMA chain, as on the CPU. The loads are issued
+// eight at a time ahead of the chain, so a long chain waits on memory once per eight terms
+// instead of once per term (the chain's order and rounding are unchanged). xs = 1 or -1.
+__device__ __forceinline__ float ll_chain_skip0(float acc, float xs, const float* x, const float* w, size_t sw,
+                                                int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float xv[8], wv[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            xv[l] = xs * x[i + l];
+            wv[l] = w[(size_t)(i + l) * sw];
+        }
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc = xv[l] != 0.0f ? fmaf(xv[l], wv[l], acc) : acc;
+    }
+    for (; i < n; ++i) {
+        const float xv = xs * x[i];
+        if (xv != 0.0f) acc = fmaf(xv, w[(size_t)i * sw], acc);
+    }
+    return acc;
+}
+
+// Sequential sums in order (one thread), their loads issued eight at a time:
+// sum of p[i] (sq false) or of p[i] * p[i] (sq true), i = 0 .. n-1, from +0.
+__device__ __forceinline__ float ll_sum_seq(const float* p, int n, bool sq) {
+    float acc = 0.0f;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float v[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) v[l] = p[i + l];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) acc = acc + (sq ? v[l] * v[l] : v[l]);
+    }
+    for (; i < n; ++i) acc = acc + (sq ? p[i] * p[i] : p[i]);
+    return acc;
 }

@@ -156,6 +156,7 @@ extern "C" __global__ void ll_rmsnorm(const unsigned int* __restrict__ ctrl, flo
     if (s >= S) return;
     float* row = F + b * sSL + (size_t)s * L;
     float ms = 0.0f;
+#pragma unroll 8
     for (int i = 0; i < L; ++i) ms = ms + row[i] * row[i];
     ms = ms / (float)L;
     const float inv = 1.0f / sqrtf(ms + 1e-5f);
@@ -178,6 +179,7 @@ extern "C" __global__ void ll_moments(const unsigned int* __restrict__ ctrl, con
         return;
     }
     float acc = 0.0f;
+#pragma unroll 8
     for (int s = 0; s < S; ++s) acc = acc + Fb[(size_t)s * L + i];
     const float m = acc * inv_s;
     mp[(size_t)b * L + i] = m;

@@ -27,11 +27,7 @@ extern "C" __global__ void ll_enc_hidden(const unsigned int* __restrict__ ctrl, 
     if (j >= He) return;
     const float* yb = y + (size_t)b * N;
     const float* w = w1t + b * sW;
-    float h = b1[b * sW + j];
-    for (int i = 0; i < N; ++i) {
-        const float yi = yb[i];
-        if (yi != 0.0f) h = fmaf(yi, w[(size_t)i * He + j], h);
-    }
+    const float h = ll_chain_skip0(b1[b * sW + j], 1.0f, yb, w + j, He, N);
     hid[(size_t)b * He + j] = ll_silu(h);
 }
 
@@ -45,12 +41,7 @@ extern "C" __global__ void ll_enc_out(const unsigned int* __restrict__ ctrl, con
     if (j >= KW) return;
     const float* hb = hid + (size_t)b * He;
     const float* w = w2t + b * sW;
-    float o = b2[b * sW + j];
-    for (int h = 0; h < He; ++h) {
-        const float x = hb[h];
-        if (x != 0.0f) o = fmaf(x, w[(size_t)h * KW + j], o);
-    }
-    kk[(size_t)b * KW + j] = o;
+    kk[(size_t)b * KW + j] = ll_chain_skip0(b2[b * sW + j], 1.0f, hb, w + j, KW, He);
 }
 
 // Exact linear-Gaussian potential: k = C^T R^-1 (y - b) (C: N x L), K = C^T R^-1/2 (a
@@ -67,9 +58,12 @@ extern "C" __global__ void ll_pot_gaussian(const unsigned int* __restrict__ ctrl
     if (t < L) {
         const float* yb = y + (size_t)b * N;
         float acc = 0.0f;
+#pragma unroll 8
         for (int j = 0; j < N; ++j) {
+            // Branch-free, so that the unrolled loads run ahead of the chain.
             const float wj = (yb[j] - bo[w + j]) * rinv[w + j];
-            if (wj != 0.0f) acc = fmaf(wj, c[w + (size_t)j * L + t], acc);
+            const float cj = c[w + (size_t)j * L + t];
+            acc = wj != 0.0f ? fmaf(wj, cj, acc) : acc;
         }
         kb[t] = acc;
     }
@@ -77,7 +71,7 @@ extern "C" __global__ void ll_pot_gaussian(const unsigned int* __restrict__ ctrl
 }
 
 // Poisson-Laplace potential at m_p, part 1, one thread per channel j:
-//   eta_j = C_j m_p[:Lr], lam = dt exp(eta_j + b_j), K[i][j] = C^T[i][j] sqrt(lam) (rows >= Lr: 0),
+//   eta_j = C_j m_p[:Lr], lam = dt exp(eta_j + b_j) (ll_exp, bit for bit the CPU's fast::exp), K[i][j] = C^T[i][j] sqrt(lam) (rows >= Lr: 0),
 //   v_j = (y_j - lam) + lam eta_j.   Grid (ceil(N / 128), B).
 extern "C" __global__ void ll_pot_pl_a(const unsigned int* __restrict__ ctrl, const float* __restrict__ y, int N,
                                        const float* __restrict__ c, const float* __restrict__ ct,
@@ -89,7 +83,7 @@ extern "C" __global__ void ll_pot_pl_a(const unsigned int* __restrict__ ctrl, co
     if (j >= N) return;
     const size_t w = b * sW;
     const float eta = ll_dot(c + w + (size_t)j * Lr, 1, mp + (size_t)b * L, 1, Lr) * 1.0f;
-    const float lam = dt * expf(eta + bo[w + j]);
+    const float lam = dt * ll_exp(eta + bo[w + j]);
     const float sq = sqrtf(lam);
     float* K = kk + (size_t)b * (N + 1) * L + L;
     for (int i = 0; i < Lr; ++i) K[(size_t)i * N + j] = ct[w + (size_t)i * N + j] * sq;
@@ -105,15 +99,7 @@ extern "C" __global__ void ll_pot_pl_b(const unsigned int* __restrict__ ctrl, in
     if (!ll_has_data(ctrl, b)) return;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= L) return;
-    float acc = 0.0f;
-    if (i < Lr) {
-        const float* cb = c + b * sW;
-        const float* v = vp + (size_t)b * N;
-        for (int j = 0; j < N; ++j) {
-            const float x = v[j];
-            if (x != 0.0f) acc = fmaf(x, cb[(size_t)j * Lr + i], acc);
-        }
-    }
+    const float acc = i < Lr ? ll_chain_skip0(0.0f, 1.0f, vp + (size_t)b * N, c + b * sW + i, Lr, N) : 0.0f;
     kk[(size_t)b * (N + 1) * L + i] = acc;
 }
 
@@ -172,22 +158,27 @@ extern "C" __global__ void __launch_bounds__(512)
     float* o_lag = o_mean + L;
     float* o_beh = o_lag + L;
 
-    __shared__ int s_ok;
+    // s_bad: some entry of the potential is not finite. Set with atomicOr and read only
+    // after the barrier (a plain store would race with another thread's read of the flag).
+    __shared__ int s_ok, s_bad;
     __shared__ float s_sum;
-    if (tid == 0) s_ok = has_data ? 1 : 0;
-    __syncthreads();
-    if (s_ok) {
-        for (int t = tid; t < (R + 1) * L; t += nt)
-            if (!isfinite(k[t])) s_ok = 0;
+    if (tid == 0) {
+        s_ok = 1;
+        s_bad = 0;
     }
     __syncthreads();
-    bool ok = s_ok != 0;
+    if (has_data) {
+        for (int t = tid; t < (R + 1) * L; t += nt)
+            if (!isfinite(k[t])) atomicOr(&s_bad, 1);
+    }
     __syncthreads();
+    bool ok = has_data && s_bad == 0;
     if (ok) {
         // M^T K (S x R), sqrt(Q) K (L x R), M^T k (S).
         for (int t = tid; t < S * R; t += nt) {
             const int s = t / R, a = t % R;
             float acc = 0.0f;
+#pragma unroll 8
             for (int i = 0; i < L; ++i) acc = fmaf(mtb[(size_t)s * L + i], K[(size_t)i * R + a], acc);
             u.mtk[t] = acc;
         }
@@ -198,7 +189,9 @@ extern "C" __global__ void __launch_bounds__(512)
         for (int t = tid; t < R * R; t += nt) {
             const int a = t / R, c2 = t % R;
             float acc1 = 0.0f, acc2 = 0.0f;
+#pragma unroll 8
             for (int s = 0; s < S; ++s) acc1 = fmaf(u.mtk[s * R + a], u.mtk[s * R + c2], acc1);
+#pragma unroll 8
             for (int i = 0; i < L; ++i) acc2 = fmaf(u.ksq[i * R + a], u.ksq[i * R + c2], acc2);
             float v = acc2 + acc1;
             if (a == c2) v = v + 1.0f;
@@ -207,16 +200,13 @@ extern "C" __global__ void __launch_bounds__(512)
         for (int t = tid; t < R * L; t += nt) {
             const int a = t / L, i = t % L;
             float acc = 0.0f;
+#pragma unroll 8
             for (int s = 0; s < S; ++s) acc = fmaf(u.mtk[s * R + a], mtb[(size_t)s * L + i], acc);
             const float qi = sq[i] * sq[i];
             u.ktpp[t] = acc + K[(size_t)i * R + a] * qi;
         }
         for (int i = tid; i < L; i += nt) {
-            float acc = 0.0f;
-            for (int s = 0; s < S; ++s) {
-                const float x = u.us[s];
-                if (x != 0.0f) acc = fmaf(x, mtb[(size_t)s * L + i], acc);
-            }
+            const float acc = ll_chain_skip0(0.0f, 1.0f, u.us, mtb + i, L, S);
             u.ph[i] = acc + (mpb[i] + sq[i] * sq[i] * k[i]);
         }
         __syncthreads();
@@ -249,6 +239,7 @@ extern "C" __global__ void __launch_bounds__(512)
             u.Li[j * R + j] = 1.0f / u.A[j * R + j];
             for (int i = j + 1; i < R; ++i) {
                 float s = 0.0f;
+#pragma unroll 8
                 for (int x = j; x < i; ++x) s = fmaf(u.A[i * R + x], u.Li[x * R + j], s);
                 u.Li[i * R + j] = -s / u.A[i * R + i];
             }
@@ -258,28 +249,17 @@ extern "C" __global__ void __launch_bounds__(512)
         for (int t = tid; t < R * R; t += nt) {
             const int i = t / R, j = t % R;
             float acc = 0.0f;
+#pragma unroll 8
             for (int p = 0; p < R; ++p) acc = fmaf(u.Li[p * R + i], u.Li[p * R + j], acc);
             u.Ai[t] = acc;
         }
-        for (int a = tid; a < R; a += nt) {
-            float acc = 0.0f;
-            for (int i = 0; i < L; ++i) {
-                const float x = u.ph[i];
-                if (x != 0.0f) acc = fmaf(x, K[(size_t)i * R + a], acc);
-            }
-            u.rhs[a] = acc;
-        }
+        for (int a = tid; a < R; a += nt) u.rhs[a] = ll_chain_skip0(0.0f, 1.0f, u.ph, K + a, R, L);
         __syncthreads();
         for (int a = tid; a < R; a += nt) u.c[a] = ll_dot(u.Ai + a * R, 1, u.rhs, 1, R) * 1.0f;
         __syncthreads();
         // m_f = P_p h - (K^T P_p)^T c;  g = k - K c.
         for (int i = tid; i < L; i += nt) {
-            float v = u.ph[i];
-            for (int a = 0; a < R; ++a) {
-                const float ca = u.c[a];
-                if (ca != 0.0f) v = fmaf(-1.0f * ca, u.ktpp[a * L + i], v);
-            }
-            u.mf[i] = v;
+            u.mf[i] = ll_chain_skip0(u.ph[i], -1.0f, u.c, u.ktpp + i, L, R);
             u.g[i] = k[i] + ll_dot(K + (size_t)i * R, 1, u.c, 1, R) * -1.0f;
         }
         __syncthreads();
@@ -289,32 +269,29 @@ extern "C" __global__ void __launch_bounds__(512)
         } else {
             for (int s = tid; s < S; s += nt) u.u2[s] = ll_dot(mtb + (size_t)s * L, 1, u.g, 1, L) * 1.0f;
             __syncthreads();
-            if (tid == 0) {
-                float sum = 0.0f;
-                for (int s = 0; s < S; ++s) sum = sum + u.u2[s];
-                s_sum = sum;
-            }
+            if (tid == 0) s_sum = ll_sum_seq(u.u2, S, false);
             __syncthreads();
             const float sum_v = s_sum;
             for (int i = tid; i < L; i += nt) {
                 float zbar = 0.0f, la = 0.0f;
+#pragma unroll 8
                 for (int s = 0; s < S; ++s) {
                     const float zv = zb[(size_t)s * L + i];
                     zbar = zbar + zv;
                     const float x = u.u2[s];
-                    if (x != 0.0f) la = fmaf(x, zv, la);
+                    la = x != 0.0f ? fmaf(x, zv, la) : la;
                 }
                 const float nzv = (la - zbar * inv_s * sum_v) * sqrt_inv_s;
                 o_lag[i] = mold[i] + nzv;
             }
         }
         if (tid == 0) {
-            float tr = 0.0f;
-            for (int t = 0; t < R * R; ++t) tr = tr + u.Li[t] * u.Li[t];
+            const float tr = ll_sum_seq(u.Li, R * R, true);
             float ld = 0.0f;
             for (int i = 0; i < R; ++i) ld = ld + logf(u.A[i * R + i]);
             ld = ld * 2.0f;
             float quad = 0.0f;
+#pragma unroll 8
             for (int i = 0; i < L; ++i) quad = quad + (u.mf[i] - mpb[i]) * u.g[i];
             ob[0] = 1.0f;
             ob[1] = 0.5f * (tr - (float)R + ld + quad);
@@ -370,18 +347,21 @@ extern "C" __global__ void __launch_bounds__(128)
     float* xs = ll_sh + R;
     for (int a = tid; a < R; a += nt) {
         float acc = 0.0f;
+#pragma unroll 8
         for (int i = 0; i < L; ++i) acc = fmaf(eb[i], K[(size_t)i * R + a], acc);
         v[a] = acc + ws[a];
     }
     __syncthreads();
     for (int c2 = tid; c2 < R; c2 += nt) {
         float acc = 0.0f;
+#pragma unroll 8
         for (int a = 0; a < R; ++a) acc = fmaf(v[a], u.Ai[a * R + c2], acc);
         xs[c2] = acc;
     }
     __syncthreads();
     for (int i = tid; i < L; i += nt) {
         float acc = 0.0f;
+#pragma unroll 8
         for (int a = 0; a < R; ++a) acc = fmaf(xs[a], u.ktpp[a * L + i], acc);
         zs[i] = (acc * -1.0f + eb[i]) + u.mf[i];
     }

@@ -48,5 +48,11 @@ static inline unsigned int __float_as_uint(float f) {
     return u;
 }
 static inline int min(int a, int b) { return a < b ? a : b; }
+// Fibers switch only at barriers, so a plain read-modify-write is atomic here.
+static inline int atomicOr(int* p, int v) {
+    const int old = *p;
+    *p = old | v;
+    return old;
+}
 using std::isfinite;
 using std::isnan;

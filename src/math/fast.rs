@@ -92,6 +92,39 @@ pub fn ln(u: f32) -> f32 {
     (e as f32).mul_add(LN2, 2.0 * s * p)
 }
 
+/// Taylor coefficients 1/k! of e^r, k = 0..7, for |r| <= ln2/2 (truncation < 1e-8 relative).
+const EXP_C: [f32; 8] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+/// ln 2 split so that n * LN2_HI is exact for |n| <= 150.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// e^x, within [`EXP_REL_ERR`] of the exact value where that is a normal f32; inf from
+/// x > 88.72, subnormals below -87.3, 0 below -103.9; NaN stays NaN. Written out rather than
+/// taken from libm so that the CUDA kernels (`ll_exp`) evaluate the same operations and the
+/// two backends agree to the bit (glibc's and CUDA's expf differ in the last bit now and
+/// then, and the Poisson-Laplace update feeds the rate back into the state).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-104.0, 89.0);
+    // x = n ln2 + r, |r| <= ln2/2 (a hair more where x * log2(e) rounds).
+    let nf = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (-nf).mul_add(LN2_HI, x);
+    let r = (-nf).mul_add(LN2_LO, r);
+    let mut p = EXP_C[7];
+    for c in EXP_C[..7].iter().rev() {
+        p = p.mul_add(r, *c);
+    }
+    // 2^n as two normal powers of two (n in [-150, 128]): exact scaling, and overflow or
+    // gradual underflow happens in the last product only.
+    let n = nf as i32;
+    let (n1, n2) = (n >> 1, n - (n >> 1));
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    p * pow2(n1) * pow2(n2)
+}
+
+/// Proven by the test `exp_error_bound` on a dense grid.
+pub const EXP_REL_ERR: f64 = 3.0e-7;
+
 /// (cos 2 pi u, sin 2 pi u) for u in [0, 1): quadrant from u itself (no large-argument
 /// reduction), then Taylor series on [-pi/4, pi/4] (truncation < 2e-9).
 #[inline(always)]
@@ -155,6 +188,32 @@ mod tests {
             assert!((sigmoid(x) as f64 - s).abs() <= TANH_REL_ERR, "sigmoid({x})");
             assert!((silu(x) as f64 - x as f64 * s).abs() <= 1e-5 * (1.0 + x.abs() as f64));
             x += 1.0 / 512.0;
+        }
+    }
+
+    #[test]
+    fn exp_error_bound() {
+        let mut worst = 0.0f64;
+        // Every 61st f32 from -87.3 (the last normal result) to 88.72 (the last finite one).
+        for (sign, end) in [(1.0f32, 88.72f32), (-1.0, 87.33)] {
+            let mut b = 0u32;
+            while b < end.to_bits() {
+                let x = sign * f32::from_bits(b);
+                let r = (x as f64).exp();
+                worst = worst.max((exp(x) as f64 - r).abs() / r);
+                b += 61;
+            }
+        }
+        assert!(worst < EXP_REL_ERR, "exp error {worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert_eq!(exp(1e30), f32::INFINITY);
+        assert_eq!(exp(-200.0), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        // Gradual underflow: within one subnormal step of the exact value.
+        for x in [-88.0f32, -95.0, -100.0, -103.0] {
+            let r = (x as f64).exp();
+            assert!((exp(x) as f64 - r).abs() <= 1.5 * 2f64.powi(-149), "exp({x}) = {:e} vs {r:e}", exp(x));
         }
     }
 

@@ -194,7 +194,7 @@ impl Observation {
                 let (k, kmat) = kk.split_at_mut(l);
                 // K = [C^T diag(sqrt lam); 0]: rows beyond Lr do not see the data.
                 for j in 0..n {
-                    let lam = dt * (v[j] + b[j]).exp();
+                    let lam = dt * crate::math::fast::exp(v[j] + b[j]);
                     let sq = lam.sqrt();
                     for i in 0..lr {
                         kmat[i * n + j] = ct[i * n + j] * sq;
