@@ -5,6 +5,9 @@
 //!
 //! Without a usable GPU every test prints why it skipped and passes, unless
 //! LATENTLOOP_REQUIRE_GPU=1 (set it on GPU machines: then a missing GPU is a failure).
+//! LATENTLOOP_GPU_BINS=N caps the bins per comparison (at least 30, past the reset at bin
+//! 20) and LATENTLOOP_GPU_SIZES=small,standard narrows the sizes, for runs under
+//! compute-sanitizer, which slows every kernel a hundredfold.
 #![allow(clippy::needless_range_loop)]
 
 mod common;
@@ -51,6 +54,7 @@ fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool,
     let mut gpu = GpuFilter::new(m.clone(), opts)?;
     let data = common::comparison_bins(sz.channels, count, update == UpdateKind::Gaussian, 37);
     let (mut updates, mut resets, mut max_rel) = (0usize, 0usize, 0.0f32);
+    let started = std::time::Instant::now();
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut gpu, y.as_deref()).map_err(|e| format!("gpu bin {t}: {e}"))?;
         let b = cpu.step(y.as_deref()).map_err(|e| format!("cpu bin {t}: {e}"))?;
@@ -76,30 +80,53 @@ fn compare(sz: &Size, dynamics: DynamicsKind, update: UpdateKind, rmsnorm: bool,
         return Err(format!("expected the absurd bin 20 to reset the filter once, saw {resets} resets"));
     }
     eprintln!(
-        "{} {dynamics}{} {update}: {count} bins ({updates} updates) agree; max relative mean difference {max_rel:.1e}",
+        "{} {dynamics}{} {update}: {count} bins ({updates} updates) agree; max relative mean difference {max_rel:.1e} ({:.1} s)",
         sz.name,
-        if rmsnorm { "+rmsnorm" } else { "" }
+        if rmsnorm { "+rmsnorm" } else { "" },
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
+/// The bins of one comparison, capped by LATENTLOOP_GPU_BINS.
+fn bins(count: usize) -> usize {
+    match std::env::var("LATENTLOOP_GPU_BINS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(cap) => count.min(cap.max(30)),
+        None => count,
+    }
+}
+
+/// Every comparison of these sizes, each on its own thread (its own CPU filter, GPU stream
+/// and buffers): the single-block kernels leave the GPU mostly idle, so they overlap well.
+/// LATENTLOOP_GPU_SIZES=small,standard narrows the sizes (sanitizer runs).
 fn run_all(sizes: &[Size]) {
-    let mut failures = Vec::new();
-    for sz in sizes {
+    let only = std::env::var("LATENTLOOP_GPU_SIZES").ok();
+    let mut jobs = Vec::new();
+    for sz in sizes.iter().filter(|sz| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == sz.name))) {
         for update in [UpdateKind::Encoder, UpdateKind::Gaussian, UpdateKind::PoissonLaplace] {
             // r = N for the exact updates: the big size's 1024 x 1024 system per bin is no
-            // real-time configuration, so it runs 40 bins there.
-            let count = if update != UpdateKind::Encoder && sz.channels > 256 { 40 } else { 500 };
+            // real-time configuration (one block factors it), so it runs 24 bins there,
+            // past the reset at bin 20.
+            let count = bins(if update != UpdateKind::Encoder && sz.channels > 256 { 24 } else { 500 });
             for dynamics in [DynamicsKind::Gru, DynamicsKind::Mlp, DynamicsKind::Node, DynamicsKind::Linear] {
-                if let Err(e) = compare(sz, dynamics, update, false, count) {
-                    failures.push(format!("{} {dynamics} {update}: {e}", sz.name));
-                }
+                jobs.push((sz, dynamics, update, false, count));
             }
         }
-        if let Err(e) = compare(sz, DynamicsKind::Gru, UpdateKind::Encoder, true, 500) {
-            failures.push(format!("{} gru+rmsnorm encoder: {e}", sz.name));
-        }
+        jobs.push((sz, DynamicsKind::Gru, UpdateKind::Encoder, true, bins(500)));
     }
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(sz, dynamics, update, rmsnorm, count)| {
+                scope.spawn(move || {
+                    compare(sz, dynamics, update, rmsnorm, count).map_err(|e| {
+                        format!("{} {dynamics}{} {update}: {e}", sz.name, if rmsnorm { "+rmsnorm" } else { "" })
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())).err()).collect()
+    });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -130,7 +157,7 @@ fn batch_equals_single_decoders() {
             .iter()
             .map(|&seed| GpuFilter::new(m.clone(), FilterOptions { samples: None, seed }).unwrap())
             .collect();
-        let data = common::comparison_bins(sz.channels, 200, false, 37);
+        let data = common::comparison_bins(sz.channels, bins(200), false, 37);
         let mut infos = [StepInfo { step: 0, predict_only: false, reset: false, kl: 0.0 }; 4];
         for t in 0..data.len() {
             // Each decoder sees its own stream: shifted bins, its own missing ones.

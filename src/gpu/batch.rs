@@ -7,8 +7,8 @@ use crate::decoder::{validate_bin, BinError, StepInfo};
 use crate::model::{DynamicsKind, Observation, XfadsModel};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{
-    result, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
+    result, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DriverError,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -143,6 +143,23 @@ pub(super) trait Exec {
     /// One step, finished when this returns.
     fn run(&mut self) -> Result<(), String>;
     fn download(&mut self, src: CUdeviceptr, dst: &mut [f32]) -> Result<(), String>;
+    /// Where a step's time goes (see [`GpuBatch::profile`]).
+    fn profile(&mut self, _reps: usize) -> Result<Profile, String> {
+        Err("profiling needs a GPU".into())
+    }
+}
+
+/// Where one step's time goes, from [`GpuBatch::profile`]; medians in microseconds.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// GPU time of each item of the step enqueued launch by launch ("H2D", the kernels in
+    /// order, "D2H"), between events recorded around it.
+    pub items: Vec<(&'static str, f64)>,
+    /// Host time of launching and waiting for a graph that holds only the two copies: the
+    /// floor under the step's graph launch.
+    pub copies_graph: f64,
+    /// Host time of the step enqueued launch by launch (no graph) and waited for.
+    pub enqueued: f64,
 }
 
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
@@ -166,6 +183,10 @@ struct CudaExec {
     out_ptr: *mut f32,
     in_len: usize,
     out_len: usize,
+    /// The step as planned (kept for [`Exec::profile`]).
+    ops: Vec<Launch>,
+    din: CUdeviceptr,
+    dout: CUdeviceptr,
 }
 
 impl CudaExec {
@@ -183,7 +204,64 @@ impl CudaExec {
             out_ptr: std::ptr::null_mut(),
             in_len: 0,
             out_len: 0,
+            ops: Vec::new(),
+            din: 0,
+            dout: 0,
         })
+    }
+}
+
+impl CudaExec {
+    /// Enqueues the step on the stream: H2D of the input words, the launches, D2H of the
+    /// outputs. With `marks` (ops.len() + 3 events) records marks[0] first and marks[j + 1]
+    /// after item j of [H2D, ops.., D2H]: the profile's view of the same step.
+    fn enqueue(&self, ops: &[Launch], din: CUdeviceptr, dout: CUdeviceptr, marks: &[CudaEvent]) -> Result<(), String> {
+        let stream = &self.stream;
+        let mark = |j: usize| marks.get(j).map_or(Ok(()), |e| e.record(stream).map_err(derr("record an event")));
+        mark(0)?;
+        // SAFETY: the pinned buffers outlive every use of the stream (both are owned here),
+        // and every device pointer was allocated with the length the kernels index.
+        unsafe {
+            let src = std::slice::from_raw_parts(self.in_ptr as *const u32, self.in_len);
+            result::memcpy_htod_async(din, src, stream.cu_stream()).map_err(derr("H2D copy"))?;
+        }
+        mark(1)?;
+        for (j, (name, grid, block, smem, args)) in ops.iter().enumerate() {
+            let func = self.rt.functions.get(name).ok_or_else(|| format!("kernel {name} not loaded"))?;
+            let mut lb = stream.launch_builder(func);
+            for a in args {
+                match a {
+                    A::P(p) => lb.arg(p),
+                    A::I(i) => lb.arg(i),
+                    A::L(v) => lb.arg(v),
+                    A::F(x) => lb.arg(x),
+                };
+            }
+            let cfg = LaunchConfig { grid_dim: *grid, block_dim: *block, shared_mem_bytes: *smem };
+            // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu.
+            unsafe { lb.launch(cfg) }.map_err(|e| format!("launch of {name}: {e:?}"))?;
+            mark(j + 2)?;
+        }
+        unsafe {
+            let dst = std::slice::from_raw_parts_mut(self.out_ptr, self.out_len);
+            result::memcpy_dtoh_async(dst, dout, stream.cu_stream()).map_err(derr("D2H copy"))?;
+        }
+        mark(ops.len() + 2)
+    }
+
+    /// `ops` between the two copies, captured into one instantiated, uploaded graph.
+    fn capture(&self, ops: &[Launch], din: CUdeviceptr, dout: CUdeviceptr) -> Result<CudaGraph, String> {
+        let stream = &self.stream;
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(derr("begin graph capture"))?;
+        let recorded = self.enqueue(ops, din, dout, &[]).map_err(|e| format!("graph capture: {e}"));
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph.map_err(derr("instantiate the step graph"))?.ok_or("graph capture recorded nothing")?;
+        graph.upload().map_err(derr("upload the step graph"))?;
+        stream.synchronize().map_err(derr("synchronise after set-up"))?;
+        Ok(graph)
     }
 }
 
@@ -215,44 +293,9 @@ impl Exec for CudaExec {
         Ok((self.in_ptr, self.out_ptr))
     }
     fn prepare(&mut self, ops: Vec<Launch>, din: CUdeviceptr, dout: CUdeviceptr) -> Result<(), String> {
-        let stream = &self.stream;
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(derr("begin graph capture"))?;
-        let recorded = (|| -> Result<(), String> {
-            // SAFETY: the pinned buffers outlive the graph (both are owned here), and every
-            // device pointer was allocated with the length the kernels index.
-            unsafe {
-                let src = std::slice::from_raw_parts(self.in_ptr as *const u32, self.in_len);
-                result::memcpy_htod_async(din, src, stream.cu_stream()).map_err(derr("capture H2D copy"))?;
-            }
-            for (name, grid, block, smem, args) in &ops {
-                let func = self.rt.functions.get(name).ok_or_else(|| format!("kernel {name} not loaded"))?;
-                let mut lb = stream.launch_builder(func);
-                for a in args {
-                    match a {
-                        A::P(p) => lb.arg(p),
-                        A::I(i) => lb.arg(i),
-                        A::L(v) => lb.arg(v),
-                        A::F(x) => lb.arg(x),
-                    };
-                }
-                let cfg = LaunchConfig { grid_dim: *grid, block_dim: *block, shared_mem_bytes: *smem };
-                // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu.
-                unsafe { lb.launch(cfg) }.map_err(|e| format!("capture launch of {name}: {e:?}"))?;
-            }
-            unsafe {
-                let dst = std::slice::from_raw_parts_mut(self.out_ptr, self.out_len);
-                result::memcpy_dtoh_async(dst, dout, stream.cu_stream()).map_err(derr("capture D2H copy"))?;
-            }
-            Ok(())
-        })();
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = graph.map_err(derr("instantiate the step graph"))?.ok_or("graph capture recorded nothing")?;
-        graph.upload().map_err(derr("upload the step graph"))?;
-        stream.synchronize().map_err(derr("synchronise after set-up"))?;
+        let graph = self.capture(&ops, din, dout)?;
         self.graph = Some(graph);
+        (self.ops, self.din, self.dout) = (ops, din, dout);
         Ok(())
     }
     fn run(&mut self) -> Result<(), String> {
@@ -264,6 +307,52 @@ impl Exec for CudaExec {
         // SAFETY: `src` points into one of our allocations with at least dst.len() floats.
         unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(derr("download"))?;
         self.stream.synchronize().map_err(derr("synchronise"))
+    }
+    fn profile(&mut self, reps: usize) -> Result<Profile, String> {
+        let reps = reps.max(1);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let host = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+            let mut t = Vec::with_capacity(reps);
+            for i in 0..reps + 20 {
+                let s = std::time::Instant::now();
+                f()?;
+                if i >= 20 {
+                    t.push(s.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            Ok(median(&mut t))
+        };
+        let copies = self.capture(&[], self.din, self.dout)?;
+        let stream = self.stream.clone();
+        let copies_graph =
+            host(&mut || copies.launch().and_then(|_| stream.synchronize()).map_err(derr("copies-only graph")))?;
+        let (ops, din, dout) = (std::mem::take(&mut self.ops), self.din, self.dout);
+        let res = (|| {
+            let enqueued = host(&mut || {
+                self.enqueue(&ops, din, dout, &[])?;
+                self.stream.synchronize().map_err(derr("synchronise"))
+            })?;
+            let marks = (0..ops.len() + 3)
+                .map(|_| self.rt.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(derr("create an event"))?;
+            let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(reps); ops.len() + 2];
+            for _ in 0..reps {
+                self.enqueue(&ops, din, dout, &marks)?;
+                self.stream.synchronize().map_err(derr("synchronise"))?;
+                for (j, v) in per.iter_mut().enumerate() {
+                    v.push(1e3 * marks[j].elapsed_ms(&marks[j + 1]).map_err(derr("event time"))? as f64);
+                }
+            }
+            let names = std::iter::once("H2D").chain(ops.iter().map(|o| o.0)).chain(std::iter::once("D2H"));
+            let items = names.zip(per.iter_mut()).map(|(n, v)| (n, median(v))).collect();
+            Ok(Profile { items, copies_graph, enqueued })
+        })();
+        self.ops = ops;
+        res
     }
 }
 
@@ -868,6 +957,16 @@ impl GpuBatch {
         let mut out = vec![0.0f32; sl];
         self.exec.download(self.z_ptr + (4 * b * sl) as u64, &mut out)?;
         Ok(out)
+    }
+
+    /// Where a step's time goes: each kernel's GPU time (events around it, the step
+    /// enqueued launch by launch), the copies, and the host time of a graph holding only the
+    /// copies (the launch floor), medians over `reps` runs. For benches: it replays the last
+    /// step's inputs (bins and control words) `reps` times, so step with data at least twice
+    /// first (the first step starts from the prior), and this batch's state is garbage
+    /// afterwards: profile a batch made for it.
+    pub fn profile(&mut self, reps: usize) -> Result<Profile, String> {
+        self.exec.profile(reps)
     }
 
     /// Sizes of the pinned transfers per bin, in bytes (input, output), for docs and benches.

@@ -24,7 +24,7 @@ mod filter;
 pub mod kernels;
 mod weights;
 
-pub use batch::{GpuBatch, OUT_HEADER};
+pub use batch::{GpuBatch, Profile, OUT_HEADER};
 pub use filter::GpuFilter;
 
 use std::sync::OnceLock;
