@@ -125,8 +125,85 @@ __device__ __forceinline__ ll_upd ll_upd_at(float* u, int S, int L, int R) {
     return p;
 }
 
-// Everything of the update that is O(S L R + R^3) and feeds the outputs, one block per
-// decoder (grid B, block 512): A, its Cholesky factor and inverse, c, m_f, g, the lag-1
+// The update's matrix products, one output per thread over many blocks (in ll_update_core's
+// single block they were most of the step at the big size). Part 1, grid
+// (ceil((S R + L R + S) / 128), B): M^T K (S x R), sqrt(Q) K (L x R), M^T k (S).
+extern "C" __global__ void ll_update_products(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk,
+                                              const float* __restrict__ mt, const float* __restrict__ sqrt_q,
+                                              const float* __restrict__ sqrt_q0, long long sW,
+                                              float* __restrict__ scratch, long long sU, int S, int L, int R) {
+    const int b = blockIdx.y;
+    if (!ll_has_data(ctrl, b)) return;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const float* k = kk + (size_t)b * (R + 1) * L;
+    const float* K = k + L;
+    const float* mtb = mt + (size_t)b * S * L;
+    const float* sq = (ll_from_prior(ctrl, b) ? sqrt_q0 : sqrt_q) + b * sW;
+    const ll_upd u = ll_upd_at(scratch + b * sU, S, L, R);
+    if (t < S * R) {
+        const int s = t / R, a = t % R;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int i = 0; i < L; ++i) acc = fmaf(mtb[(size_t)s * L + i], K[(size_t)i * R + a], acc);
+        u.mtk[t] = acc;
+        return;
+    }
+    t -= S * R;
+    if (t < L * R) {
+        u.ksq[t] = K[t] * sq[t / R];
+        return;
+    }
+    t -= L * R;
+    if (t < S) u.us[t] = ll_dot(mtb + (size_t)t * L, 1, k, 1, L) * 1.0f;
+}
+
+// Part 2, grid (ceil((R R + R L + L) / 128), B): A = I + (K^T M)(K^T M)^T + (K^T sqrt Q)(K^T
+// sqrt Q)^T (R x R), K^T P_p = (K^T M) M^T + K^T Q (R x L), P_p h = M (M^T k) + (m_p + Q k).
+extern "C" __global__ void ll_update_gram(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk,
+                                          const float* __restrict__ mt, const float* __restrict__ mp,
+                                          const float* __restrict__ sqrt_q, const float* __restrict__ sqrt_q0,
+                                          long long sW, float* __restrict__ scratch, long long sU, int S, int L,
+                                          int R) {
+    const int b = blockIdx.y;
+    if (!ll_has_data(ctrl, b)) return;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const float* k = kk + (size_t)b * (R + 1) * L;
+    const float* K = k + L;
+    const float* mtb = mt + (size_t)b * S * L;
+    const float* mpb = mp + (size_t)b * L;
+    const float* sq = (ll_from_prior(ctrl, b) ? sqrt_q0 : sqrt_q) + b * sW;
+    const ll_upd u = ll_upd_at(scratch + b * sU, S, L, R);
+    if (t < R * R) {
+        const int a = t / R, c2 = t % R;
+        float acc1 = 0.0f, acc2 = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < S; ++s) acc1 = fmaf(u.mtk[s * R + a], u.mtk[s * R + c2], acc1);
+#pragma unroll 8
+        for (int i = 0; i < L; ++i) acc2 = fmaf(u.ksq[i * R + a], u.ksq[i * R + c2], acc2);
+        float v = acc2 + acc1;
+        if (a == c2) v = v + 1.0f;
+        u.A[t] = v;
+        return;
+    }
+    t -= R * R;
+    if (t < R * L) {
+        const int a = t / L, i = t % L;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < S; ++s) acc = fmaf(u.mtk[s * R + a], mtb[(size_t)s * L + i], acc);
+        const float qi = sq[i] * sq[i];
+        u.ktpp[t] = acc + K[(size_t)i * R + a] * qi;
+        return;
+    }
+    t -= R * L;
+    if (t < L) {
+        const float acc = ll_chain_skip0(0.0f, 1.0f, u.us, mtb + t, L, S);
+        u.ph[t] = acc + (mpb[t] + sq[t] * sq[t] * k[t]);
+    }
+}
+
+// The rest of the update, one block per decoder (grid B, block 512): A's Cholesky factor
+// and inverse, c, m_f, g, the lag-1
 // mean, the KL, the new mean and the behaviour readout; writes the decoder's output row
 //   out[b] = [status, kl, 0, 0, mean (L), lag-1 mean (L), behaviour (DD)]
 // with status 1 = updated, 0 = predict-only (no data), 2 = reset (the potential was not
@@ -134,8 +211,7 @@ __device__ __forceinline__ ll_upd ll_upd_at(float* u, int S, int L, int R) {
 extern "C" __global__ void __launch_bounds__(512)
     ll_update_core(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk,
                    const float* __restrict__ mt, const float* __restrict__ z, const float* __restrict__ mp,
-                   float* __restrict__ m, const float* __restrict__ m0, const float* __restrict__ sqrt_q,
-                   const float* __restrict__ sqrt_q0, const float* __restrict__ dmat,
+                   float* __restrict__ m, const float* __restrict__ m0, const float* __restrict__ dmat,
                    const float* __restrict__ dbias, long long sW, float* __restrict__ scratch, long long sU,
                    float* __restrict__ out, int outw, int* __restrict__ okflag, int S, int L, int R, int DD,
                    float inv_s, float sqrt_inv_s) {
@@ -151,7 +227,6 @@ extern "C" __global__ void __launch_bounds__(512)
     float* mb = m + (size_t)b * L;
     const float* m0b = m0 + w;
     const float* mold = first ? m0b : mb;  // Filter::reset leaves m = m0
-    const float* sq = first ? sqrt_q0 + w : sqrt_q + w;
     const ll_upd u = ll_upd_at(scratch + b * sU, S, L, R);
     float* ob = out + (size_t)b * outw;
     float* o_mean = ob + 4;
@@ -174,42 +249,6 @@ extern "C" __global__ void __launch_bounds__(512)
     __syncthreads();
     bool ok = has_data && s_bad == 0;
     if (ok) {
-        // M^T K (S x R), sqrt(Q) K (L x R), M^T k (S).
-        for (int t = tid; t < S * R; t += nt) {
-            const int s = t / R, a = t % R;
-            float acc = 0.0f;
-#pragma unroll 8
-            for (int i = 0; i < L; ++i) acc = fmaf(mtb[(size_t)s * L + i], K[(size_t)i * R + a], acc);
-            u.mtk[t] = acc;
-        }
-        for (int t = tid; t < L * R; t += nt) u.ksq[t] = K[t] * sq[t / R];
-        for (int s = tid; s < S; s += nt) u.us[s] = ll_dot(mtb + (size_t)s * L, 1, k, 1, L) * 1.0f;
-        __syncthreads();
-        // A, K^T P_p = (K^T M) M^T + K^T Q, P_p h = M (M^T k) + (m_p + Q k).
-        for (int t = tid; t < R * R; t += nt) {
-            const int a = t / R, c2 = t % R;
-            float acc1 = 0.0f, acc2 = 0.0f;
-#pragma unroll 8
-            for (int s = 0; s < S; ++s) acc1 = fmaf(u.mtk[s * R + a], u.mtk[s * R + c2], acc1);
-#pragma unroll 8
-            for (int i = 0; i < L; ++i) acc2 = fmaf(u.ksq[i * R + a], u.ksq[i * R + c2], acc2);
-            float v = acc2 + acc1;
-            if (a == c2) v = v + 1.0f;
-            u.A[t] = v;
-        }
-        for (int t = tid; t < R * L; t += nt) {
-            const int a = t / L, i = t % L;
-            float acc = 0.0f;
-#pragma unroll 8
-            for (int s = 0; s < S; ++s) acc = fmaf(u.mtk[s * R + a], mtb[(size_t)s * L + i], acc);
-            const float qi = sq[i] * sq[i];
-            u.ktpp[t] = acc + K[(size_t)i * R + a] * qi;
-        }
-        for (int i = tid; i < L; i += nt) {
-            const float acc = ll_chain_skip0(0.0f, 1.0f, u.us, mtb + i, L, S);
-            u.ph[i] = acc + (mpb[i] + sq[i] * sq[i] * k[i]);
-        }
-        __syncthreads();
         // Cholesky A = L L^T in place, column by column (each entry by chol::cholesky's formula).
         for (int j = 0; j < R; ++j) {
             if (tid == 0) {

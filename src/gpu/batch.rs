@@ -768,6 +768,46 @@ impl GpuBatch {
                 ));
             }
         }
+        let sw_scr = d.scratch() as i64;
+        ops.push((
+            "ll_update_products",
+            (dim(s * r + l * r + s, 128), b as u32, 1),
+            (128, 1, 1),
+            0,
+            vec![
+                A::P(ctrl),
+                A::P(kk),
+                A::P(mt),
+                A::P(wp("sqrt_q")),
+                A::P(wp("sqrt_q0")),
+                A::L(s_w),
+                A::P(scratch),
+                A::L(sw_scr),
+                A::I(s as i32),
+                A::I(l as i32),
+                A::I(r as i32),
+            ],
+        ));
+        ops.push((
+            "ll_update_gram",
+            (dim(r * r + r * l + l, 128), b as u32, 1),
+            (128, 1, 1),
+            0,
+            vec![
+                A::P(ctrl),
+                A::P(kk),
+                A::P(mt),
+                A::P(mp),
+                A::P(wp("sqrt_q")),
+                A::P(wp("sqrt_q0")),
+                A::L(s_w),
+                A::P(scratch),
+                A::L(sw_scr),
+                A::I(s as i32),
+                A::I(l as i32),
+                A::I(r as i32),
+            ],
+        ));
         ops.push((
             "ll_update_core",
             (b as u32, 1, 1),
@@ -781,8 +821,6 @@ impl GpuBatch {
                 A::P(mp),
                 A::P(mdev),
                 A::P(wp("m0")),
-                A::P(wp("sqrt_q")),
-                A::P(wp("sqrt_q0")),
                 A::P(wp("beh.d")),
                 A::P(wp("beh.bias")),
                 A::L(s_w),

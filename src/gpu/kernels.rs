@@ -35,6 +35,8 @@ pub const KERNELS: &[&str] = &[
     "ll_pot_gaussian",
     "ll_pot_pl_a",
     "ll_pot_pl_b",
+    "ll_update_products",
+    "ll_update_gram",
     "ll_update_core",
     "ll_update_draws",
 ];
