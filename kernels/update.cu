@@ -126,53 +126,61 @@ __device__ __forceinline__ ll_upd ll_upd_at(float* u, int S, int L, int R) {
 }
 
 // The update's matrix products, one output per thread over many blocks (in ll_update_core's
-// single block they were most of the step at the big size). Part 1, grid
-// (ceil((S R + L R + S) / 128), B): M^T K (S x R), sqrt(Q) K (L x R), M^T k (S).
-extern "C" __global__ void ll_update_products(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk,
-                                              const float* __restrict__ mt, const float* __restrict__ sqrt_q,
-                                              const float* __restrict__ sqrt_q0, long long sW,
-                                              float* __restrict__ scratch, long long sU, int S, int L, int R) {
+// single block they were most of the step at the big size), in two kernels with one
+// argument list. What both read of decoder b:
+struct ll_upd_in {
+    const float *k, *K, *mtb, *mpb, *sq;
+    ll_upd u;
+};
+__device__ __forceinline__ ll_upd_in ll_upd_in_at(int b, const unsigned int* ctrl, const float* kk, const float* mt,
+                                                  const float* mp, const float* sqrt_q, const float* sqrt_q0,
+                                                  long long sW, float* scratch, long long sU, int S, int L, int R) {
+    ll_upd_in in;
+    in.k = kk + (size_t)b * (R + 1) * L;
+    in.K = in.k + L;
+    in.mtb = mt + (size_t)b * S * L;
+    in.mpb = mp + (size_t)b * L;
+    in.sq = (ll_from_prior(ctrl, b) ? sqrt_q0 : sqrt_q) + b * sW;
+    in.u = ll_upd_at(scratch + b * sU, S, L, R);
+    return in;
+}
+#define LL_UPD_ARGS                                                                                        \
+    const unsigned int *__restrict__ ctrl, const float *__restrict__ kk, const float *__restrict__ mt,     \
+        const float *__restrict__ mp, const float *__restrict__ sqrt_q, const float *__restrict__ sqrt_q0, \
+        long long sW, float *__restrict__ scratch, long long sU, int S, int L, int R
+#define LL_UPD_IN(b) ll_upd_in_at(b, ctrl, kk, mt, mp, sqrt_q, sqrt_q0, sW, scratch, sU, S, L, R)
+
+// Part 1, grid (ceil((S R + L R + S) / 128), B): M^T K (S x R), sqrt(Q) K (L x R), M^T k (S).
+extern "C" __global__ void ll_update_products(LL_UPD_ARGS) {
     const int b = blockIdx.y;
     if (!ll_has_data(ctrl, b)) return;
+    const ll_upd_in in = LL_UPD_IN(b);
     int t = blockIdx.x * blockDim.x + threadIdx.x;
-    const float* k = kk + (size_t)b * (R + 1) * L;
-    const float* K = k + L;
-    const float* mtb = mt + (size_t)b * S * L;
-    const float* sq = (ll_from_prior(ctrl, b) ? sqrt_q0 : sqrt_q) + b * sW;
-    const ll_upd u = ll_upd_at(scratch + b * sU, S, L, R);
     if (t < S * R) {
         const int s = t / R, a = t % R;
         float acc = 0.0f;
 #pragma unroll 8
-        for (int i = 0; i < L; ++i) acc = fmaf(mtb[(size_t)s * L + i], K[(size_t)i * R + a], acc);
-        u.mtk[t] = acc;
+        for (int i = 0; i < L; ++i) acc = fmaf(in.mtb[(size_t)s * L + i], in.K[(size_t)i * R + a], acc);
+        in.u.mtk[t] = acc;
         return;
     }
     t -= S * R;
     if (t < L * R) {
-        u.ksq[t] = K[t] * sq[t / R];
+        in.u.ksq[t] = in.K[t] * in.sq[t / R];
         return;
     }
     t -= L * R;
-    if (t < S) u.us[t] = ll_dot(mtb + (size_t)t * L, 1, k, 1, L) * 1.0f;
+    if (t < S) in.u.us[t] = ll_dot(in.mtb + (size_t)t * L, 1, in.k, 1, L) * 1.0f;
 }
 
 // Part 2, grid (ceil((R R + R L + L) / 128), B): A = I + (K^T M)(K^T M)^T + (K^T sqrt Q)(K^T
 // sqrt Q)^T (R x R), K^T P_p = (K^T M) M^T + K^T Q (R x L), P_p h = M (M^T k) + (m_p + Q k).
-extern "C" __global__ void ll_update_gram(const unsigned int* __restrict__ ctrl, const float* __restrict__ kk,
-                                          const float* __restrict__ mt, const float* __restrict__ mp,
-                                          const float* __restrict__ sqrt_q, const float* __restrict__ sqrt_q0,
-                                          long long sW, float* __restrict__ scratch, long long sU, int S, int L,
-                                          int R) {
+extern "C" __global__ void ll_update_gram(LL_UPD_ARGS) {
     const int b = blockIdx.y;
     if (!ll_has_data(ctrl, b)) return;
+    const ll_upd_in in = LL_UPD_IN(b);
+    const ll_upd& u = in.u;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
-    const float* k = kk + (size_t)b * (R + 1) * L;
-    const float* K = k + L;
-    const float* mtb = mt + (size_t)b * S * L;
-    const float* mpb = mp + (size_t)b * L;
-    const float* sq = (ll_from_prior(ctrl, b) ? sqrt_q0 : sqrt_q) + b * sW;
-    const ll_upd u = ll_upd_at(scratch + b * sU, S, L, R);
     if (t < R * R) {
         const int a = t / R, c2 = t % R;
         float acc1 = 0.0f, acc2 = 0.0f;
@@ -190,15 +198,15 @@ extern "C" __global__ void ll_update_gram(const unsigned int* __restrict__ ctrl,
         const int a = t / L, i = t % L;
         float acc = 0.0f;
 #pragma unroll 8
-        for (int s = 0; s < S; ++s) acc = fmaf(u.mtk[s * R + a], mtb[(size_t)s * L + i], acc);
-        const float qi = sq[i] * sq[i];
-        u.ktpp[t] = acc + K[(size_t)i * R + a] * qi;
+        for (int s = 0; s < S; ++s) acc = fmaf(u.mtk[s * R + a], in.mtb[(size_t)s * L + i], acc);
+        const float qi = in.sq[i] * in.sq[i];
+        u.ktpp[t] = acc + in.K[(size_t)i * R + a] * qi;
         return;
     }
     t -= R * L;
     if (t < L) {
-        const float acc = ll_chain_skip0(0.0f, 1.0f, u.us, mtb + t, L, S);
-        u.ph[t] = acc + (mpb[t] + sq[t] * sq[t] * k[t]);
+        const float acc = ll_chain_skip0(0.0f, 1.0f, u.us, in.mtb + t, L, S);
+        u.ph[t] = acc + (in.mpb[t] + in.sq[t] * in.sq[t] * in.k[t]);
     }
 }
 

@@ -768,46 +768,24 @@ impl GpuBatch {
                 ));
             }
         }
-        let sw_scr = d.scratch() as i64;
-        ops.push((
-            "ll_update_products",
-            (dim(s * r + l * r + s, 128), b as u32, 1),
-            (128, 1, 1),
-            0,
-            vec![
-                A::P(ctrl),
-                A::P(kk),
-                A::P(mt),
-                A::P(wp("sqrt_q")),
-                A::P(wp("sqrt_q0")),
-                A::L(s_w),
-                A::P(scratch),
-                A::L(sw_scr),
-                A::I(s as i32),
-                A::I(l as i32),
-                A::I(r as i32),
-            ],
-        ));
-        ops.push((
-            "ll_update_gram",
-            (dim(r * r + r * l + l, 128), b as u32, 1),
-            (128, 1, 1),
-            0,
-            vec![
-                A::P(ctrl),
-                A::P(kk),
-                A::P(mt),
-                A::P(mp),
-                A::P(wp("sqrt_q")),
-                A::P(wp("sqrt_q0")),
-                A::L(s_w),
-                A::P(scratch),
-                A::L(sw_scr),
-                A::I(s as i32),
-                A::I(l as i32),
-                A::I(r as i32),
-            ],
-        ));
+        // The update's products, two kernels with one argument list.
+        let upd_args = vec![
+            A::P(ctrl),
+            A::P(kk),
+            A::P(mt),
+            A::P(mp),
+            A::P(wp("sqrt_q")),
+            A::P(wp("sqrt_q0")),
+            A::L(s_w),
+            A::P(scratch),
+            A::L(d.scratch() as i64),
+            A::I(s as i32),
+            A::I(l as i32),
+            A::I(r as i32),
+        ];
+        for (name, outputs) in [("ll_update_products", s * r + l * r + s), ("ll_update_gram", r * r + r * l + l)] {
+            ops.push((name, (dim(outputs, 128), b as u32, 1), (128, 1, 1), 0, upd_args.clone()));
+        }
         ops.push((
             "ll_update_core",
             (b as u32, 1, 1),
