@@ -141,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn debug_round_trip_recovers_every_dynamics_weight_bit_for_bit() {
+    fn packed_dynamics_weights_are_the_files_transposed_bit_for_bit() {
         let (l, h) = (5, 6);
         for kind in [DynamicsKind::Linear, DynamicsKind::Mlp, DynamicsKind::Node, DynamicsKind::Gru] {
             let mut f = build::random(&card(kind), 3, 0.05, 0.3);
