@@ -122,8 +122,8 @@ pub fn exp(x: f32) -> f32 {
     p * pow2(n1) * pow2(n2)
 }
 
-/// Proven by the test `exp_error_bound` on a dense grid.
-pub const EXP_REL_ERR: f64 = 3.0e-7;
+/// Checked by the test `exp_error_bound` on a dense grid (worst seen: 7.7e-8, about one ulp).
+pub const EXP_REL_ERR: f64 = 1.2e-7;
 
 /// (cos 2 pi u, sin 2 pi u) for u in [0, 1): quadrant from u itself (no large-argument
 /// reduction), then Taylor series on [-pi/4, pi/4] (truncation < 2e-9).
