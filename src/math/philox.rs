@@ -56,8 +56,9 @@ fn uniform(x: u32) -> f32 {
     ((x >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
 }
 
-/// Blocks per vectorised pass (64 normals).
-const LANES: usize = 16;
+/// Blocks per vectorised pass (128 normals): two registers of 16, whose independent
+/// Philox chains overlap.
+const LANES: usize = 32;
 
 /// A keyed family of normal streams.
 #[derive(Clone, Copy, Debug)]
@@ -297,15 +298,17 @@ mod wide {
         key: [u32; 2],
         out: &mut [f32; 4 * LANES],
     ) {
-        // Each 32-bit word lives in the low half of a 64-bit lane (lanes 0-7 and 8-15 in two
-        // registers): one multiply gives the product's high word (>> 32) and its low word in
-        // place. The high halves of the lanes fill with junk that no multiply reads (it takes
-        // the low halves only) and XOR never moves down.
+        // Each 32-bit word lives in the low half of a 64-bit lane (8 lanes per register,
+        // HALVES registers): one multiply gives the product's high word (>> 32) and its low
+        // word in place. The high halves of the lanes fill with junk that no multiply reads
+        // (it takes the low halves only) and XOR never moves down. The HALVES independent
+        // chains are interleaved so the multiplies' latency overlaps.
+        const HALVES: usize = LANES / 8;
         let half = |v: &[u32; LANES], h: usize| _mm512_cvtepu32_epi64(_mm256_loadu_si256(v.as_ptr().add(8 * h).cast()));
-        let mut x0 = [half(c0, 0), half(c0, 1)];
-        let mut x1 = [half(c1, 0), half(c1, 1)];
-        let mut x2 = [_mm512_set1_epi64(c2 as i64); 2];
-        let mut x3 = [_mm512_set1_epi64(c3 as i64); 2];
+        let mut x0: [__m512i; HALVES] = std::array::from_fn(|h| half(c0, h));
+        let mut x1: [__m512i; HALVES] = std::array::from_fn(|h| half(c1, h));
+        let mut x2 = [_mm512_set1_epi64(c2 as i64); HALVES];
+        let mut x3 = [_mm512_set1_epi64(c3 as i64); HALVES];
         let (m0, m1) = (_mm512_set1_epi64(M0 as i64), _mm512_set1_epi64(M1 as i64));
         let (mut k0, mut k1) = (key[0], key[1]);
         for round in 0..10 {
@@ -314,7 +317,7 @@ mod wide {
                 k1 = k1.wrapping_add(W1);
             }
             let (kv0, kv1) = (_mm512_set1_epi64(k0 as i64), _mm512_set1_epi64(k1 as i64));
-            for h in 0..2 {
+            for h in 0..HALVES {
                 let p0 = _mm512_mul_epu32(x0[h], m0);
                 let p1 = _mm512_mul_epu32(x2[h], m1);
                 // 0x96: a ^ b ^ c.
@@ -324,30 +327,33 @@ mod wide {
                 x3[h] = p0;
             }
         }
-        // Back to 16 words per register: the even (low) 32-bit halves of both registers.
+        // Back to 16 words per register: the even (low) 32-bit halves of two registers.
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let word = |x: [__m512i; 2]| _mm512_permutex2var_epi32(x[0], even, x[1]);
-        let (ra, rb) = (radius(uniform(word(x0))), radius(uniform(word(x2))));
-        let ((ca, sa), (cb, sb)) = (sincos(uniform(word(x1))), sincos(uniform(word(x3))));
-        let (a, b, c, d) = (_mm512_mul_ps(ra, ca), _mm512_mul_ps(ra, sa), _mm512_mul_ps(rb, cb), _mm512_mul_ps(rb, sb));
-        // Block l's normals (a_l, b_l, c_l, d_l) go to out[4l..4l+4]: a 4 x 16 transpose.
-        let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-        let pd = _mm512_castps_pd;
-        let ps = _mm512_castpd_ps;
-        let u0 = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
-        let u1 = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
-        let u2 = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
-        let u3 = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
-        let v0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u0, u1);
-        let v1 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u2, u3);
-        let v2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u0, u1);
-        let v3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u2, u3);
-        let o = out.as_mut_ptr();
-        _mm512_storeu_ps(o, _mm512_shuffle_f32x4::<0b10_00_10_00>(v0, v1));
-        _mm512_storeu_ps(o.add(16), _mm512_shuffle_f32x4::<0b11_01_11_01>(v0, v1));
-        _mm512_storeu_ps(o.add(32), _mm512_shuffle_f32x4::<0b10_00_10_00>(v2, v3));
-        _mm512_storeu_ps(o.add(48), _mm512_shuffle_f32x4::<0b11_01_11_01>(v2, v3));
+        for g in 0..HALVES / 2 {
+            let word = |x: &[__m512i; HALVES]| _mm512_permutex2var_epi32(x[2 * g], even, x[2 * g + 1]);
+            let (ra, rb) = (radius(uniform(word(&x0))), radius(uniform(word(&x2))));
+            let ((ca, sa), (cb, sb)) = (sincos(uniform(word(&x1))), sincos(uniform(word(&x3))));
+            let (a, b, c, d) =
+                (_mm512_mul_ps(ra, ca), _mm512_mul_ps(ra, sa), _mm512_mul_ps(rb, cb), _mm512_mul_ps(rb, sb));
+            // Block l's normals (a_l, b_l, c_l, d_l) go to out[4l..4l+4]: a 4 x 16 transpose.
+            let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            let pd = _mm512_castps_pd;
+            let ps = _mm512_castpd_ps;
+            let u0 = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+            let u1 = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+            let u2 = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+            let u3 = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+            let v0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u0, u1);
+            let v1 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u2, u3);
+            let v2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u0, u1);
+            let v3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u2, u3);
+            let o = out.as_mut_ptr().add(64 * g);
+            _mm512_storeu_ps(o, _mm512_shuffle_f32x4::<0b10_00_10_00>(v0, v1));
+            _mm512_storeu_ps(o.add(16), _mm512_shuffle_f32x4::<0b11_01_11_01>(v0, v1));
+            _mm512_storeu_ps(o.add(32), _mm512_shuffle_f32x4::<0b10_00_10_00>(v2, v3));
+            _mm512_storeu_ps(o.add(48), _mm512_shuffle_f32x4::<0b11_01_11_01>(v2, v3));
+        }
     }
 }
 
