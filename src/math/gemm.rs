@@ -16,7 +16,9 @@ pub enum Op {
     GemvT,
 }
 
-/// The shape of one product `(m x k) . (k x n)`, as recorded by [`record`].
+/// The shape of one product `(m x k) . (k x n)`, as recorded by [`record`]. For `GemvT`, `k`
+/// counts only the rows it used: it skips the rows whose `x` is zero, so a replay of the
+/// shape does the work the step did, no more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
     pub op: Op,
@@ -128,7 +130,9 @@ pub fn gemv(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha
 /// in row order, so the result is that of one row at a time, bit for bit.
 pub fn gemv_t(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha: f32, accumulate: bool) {
     assert!(a.len() >= rows * cols && x.len() >= rows && y.len() >= cols);
-    note(Op::GemvT, 1, rows, cols);
+    if RECORDING.load(Ordering::Relaxed) {
+        note(Op::GemvT, 1, x[..rows].iter().filter(|v| **v != 0.0).count(), cols);
+    }
     let y = &mut y[..cols];
     if !accumulate {
         y.fill(0.0);
