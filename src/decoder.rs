@@ -41,10 +41,11 @@ pub fn validate_bin(y: &[f32], channels: usize) -> Result<(), BinError> {
     if y.len() != channels {
         return Err(BinError::WrongLength { got: y.len(), want: channels });
     }
-    match y.iter().position(|v| !v.is_finite()) {
-        Some(channel) => Err(BinError::NonFinite { channel, value: y[channel] }),
-        None => Ok(()),
+    if crate::math::all_finite(y) {
+        return Ok(());
     }
+    let channel = y.iter().position(|v| !v.is_finite()).expect("a non-finite value");
+    Err(BinError::NonFinite { channel, value: y[channel] })
 }
 
 /// One decoder instance, stepped once per bin. Implementations allocate nothing, lock

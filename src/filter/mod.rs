@@ -195,8 +195,8 @@ impl Filter {
             self.mp.iter_mut().for_each(|m| *m *= inv_s);
             let scale = inv_s.sqrt();
             for (mrow, frow) in self.mt.chunks_exact_mut(l).zip(self.f.chunks_exact(l)) {
-                for i in 0..l {
-                    mrow[i] = (frow[i] - self.mp[i]) * scale;
+                for ((m, x), mu) in mrow.iter_mut().zip(frow).zip(&self.mp) {
+                    *m = (x - mu) * scale;
                 }
             }
             for row in self.e.chunks_exact_mut(l) {
@@ -256,7 +256,7 @@ impl Filter {
         let model = &*self.model;
         let sqrt_q = if first { &self.sqrt_q0 } else { &self.sqrt_q };
         model.observation.potential(y, &self.mp, &mut self.kk, &mut self.obs_scr);
-        if self.kk.iter().any(|v| !v.is_finite()) {
+        if !crate::math::all_finite(&self.kk) {
             return false;
         }
         let (k, kmat) = self.kk.split_at(l);
@@ -266,10 +266,8 @@ impl Filter {
 
         // K^T M (as M^T K, S x r) and K^T sqrt(Q).
         gemm(&mut self.mtk, r, mt, kref, 1.0, false);
-        for i in 0..l {
-            for a in 0..r {
-                self.ksq[i * r + a] = kmat[i * r + a] * sqrt_q[i];
-            }
+        for ((out, row), q) in self.ksq.chunks_exact_mut(r).zip(kmat.chunks_exact(r)).zip(sqrt_q) {
+            out.iter_mut().zip(row).for_each(|(o, x)| *o = x * q);
         }
         // A = I + (K^T M)(K^T M)^T + (K^T sqrt Q)(K^T sqrt Q)^T.
         let mtk = MatRef::new(&self.mtk, s, r);
@@ -290,8 +288,8 @@ impl Filter {
         // P_p h = m_p + M (M^T k) + Q k.
         gemv(&mut self.u_s, &self.mt, s, l, k, 1.0, false);
         gemv_t(&mut self.ph, &self.mt, s, l, &self.u_s, 1.0, false);
-        for i in 0..l {
-            self.ph[i] += self.mp[i] + sqrt_q[i] * sqrt_q[i] * k[i];
+        for (((p, m), q), ki) in self.ph.iter_mut().zip(&self.mp).zip(sqrt_q).zip(k) {
+            *p += m + q * q * ki;
         }
         // A^-1 once (r^3): then c = A^-1 K^T P_p h and the S draws below are products.
         if chol::cholesky(&mut self.a, r).is_err() {
@@ -319,9 +317,9 @@ impl Filter {
             }
             let inv_s = 1.0 / s as f32;
             gemv_t(&mut self.lag1, &self.z, s, l, &self.u_s, 1.0, false);
-            for i in 0..l {
-                let nzv = (self.lag1[i] - self.zbar[i] * inv_s * sum_v) * inv_s.sqrt();
-                self.lag1[i] = self.m[i] + nzv;
+            let scale = inv_s.sqrt();
+            for ((out, zb), m) in self.lag1.iter_mut().zip(&self.zbar).zip(&self.m) {
+                *out = m + (*out - zb * inv_s * sum_v) * scale;
             }
         }
 

@@ -7,6 +7,13 @@ pub mod philox;
 
 use std::sync::OnceLock;
 
+/// Whether no element is NaN or infinite. An integer max over the magnitudes' bits (a
+/// reduction that vectorises, unlike an early-exit search): finite values stay below the
+/// exponent-all-ones pattern.
+pub fn all_finite(v: &[f32]) -> bool {
+    v.iter().map(|x| x.to_bits() & 0x7fff_ffff).max().unwrap_or(0) < 0x7f80_0000
+}
+
 /// Whether this CPU has AVX-512 (F, VL, DQ); checked once, then an atomic load.
 pub fn has_avx512() -> bool {
     static FLAG: OnceLock<bool> = OnceLock::new();
@@ -50,3 +57,17 @@ macro_rules! avx512_twin {
     };
 }
 pub(crate) use avx512_twin;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn all_finite_rejects_nan_and_infinities_only() {
+        assert!(super::all_finite(&[]));
+        assert!(super::all_finite(&[0.0, -0.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, 1e-45]));
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = vec![1.0f32; 37];
+            v[29] = bad;
+            assert!(!super::all_finite(&v), "{bad}");
+        }
+    }
+}
