@@ -6,6 +6,7 @@
 #
 #   scripts/measure-latency.sh [SECONDS]        (default 65; needs .venv with pyzmq, numpy)
 #   REALTIME=50 scripts/measure-latency.sh      (decode thread under SCHED_FIFO 50; needs root)
+#   SPIN=US ...                                  (spin_us: how long the decoder spins past a bin's due time)
 #   PIN=1 ...                                    (decode thread on core 1, the client on core 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ snapshot_seconds = 10.0
 TOML
     printf '[pipeline]\n' >> "$out/$transport.toml"
     if [ -n "${REALTIME:-}" ]; then printf 'realtime_priority = %s\n' "$REALTIME" >> "$out/$transport.toml"; fi
+    if [ -n "${SPIN:-}" ]; then printf 'spin_us = %s\n' "$SPIN" >> "$out/$transport.toml"; fi
     client=()
     if [ -n "${PIN:-}" ]; then printf 'decode_core = 1\nacquire_core = 0\n' >> "$out/$transport.toml"; client=(taskset -c 0); fi
     $ll run "$out/$transport.toml" --seconds $((secs + 15)) --quiet &
