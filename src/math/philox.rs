@@ -219,10 +219,13 @@ mod wide {
     use super::{fast::LN2, LANES, M0, M1, W0, W1};
     use std::arch::x86_64::*;
 
+    /// `super::uniform` in one FMA: f 2^-24 + 2^-25 rounded once equals (f + 0.5) rounded,
+    /// then scaled by 2^-24 exactly (a power of two, no subnormals), for every f < 2^24
+    /// (test `uniform_as_one_fma_is_exact`).
     #[inline(always)]
     unsafe fn uniform(x: __m512i) -> __m512 {
         let f = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(x));
-        _mm512_mul_ps(_mm512_add_ps(f, _mm512_set1_ps(0.5)), _mm512_set1_ps(1.0 / 16_777_216.0))
+        _mm512_fmadd_ps(f, _mm512_set1_ps(1.0 / 16_777_216.0), _mm512_set1_ps(0.5 / 16_777_216.0))
     }
 
     /// sqrt(-2 ln u), `fast::ln` lane by lane.
@@ -275,17 +278,15 @@ mod wide {
         c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0 / 24.0));
         c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(-0.5));
         c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0));
-        let q = _mm512_sub_ps(
-            qf,
-            _mm512_mul_ps(_mm512_set1_ps(4.0), _mm512_roundscale_ps::<FLOOR>(_mm512_mul_ps(_mm512_set1_ps(0.25), qf))),
-        );
-        let is = |v: f32| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(q, _mm512_set1_ps(v));
-        let (q1, q2, q3) = (is(1.0), is(2.0), is(3.0));
-        let swap = q1 | q3;
+        // The quadrant q = qf mod 4 as an integer (qf is a small whole number): odd q swaps
+        // cos and sin, q in {1, 2} negates the cosine, q in {2, 3} the sine.
+        let q = _mm512_cvttps_epi32(qf);
+        let bit = |v: __m512i, b: i32| _mm512_test_epi32_mask(v, _mm512_set1_epi32(b));
+        let swap = bit(q, 1);
         let (cs, sn) = (_mm512_mask_blend_ps(swap, c, s), _mm512_mask_blend_ps(swap, s, c));
         let sign = _mm512_set1_ps(-0.0);
         let neg = |v: __m512, k: __mmask16| _mm512_mask_xor_ps(v, k, v, sign);
-        (neg(cs, q1 | q2), neg(sn, q2 | q3))
+        (neg(cs, bit(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 2)), neg(sn, bit(q, 2)))
     }
 
     #[inline]
@@ -412,6 +413,15 @@ mod tests {
             a.fill(3, Purpose::PredictMix, 9, &mut x);
             b.fill(3, Purpose::PredictMix, 9, &mut y);
             assert_eq!(x, y, "len {len}");
+        }
+    }
+
+    #[test]
+    fn uniform_as_one_fma_is_exact() {
+        // What the AVX-512 kernel computes, for every 24-bit value.
+        for f in 0..1u32 << 24 {
+            let one_fma = (f as f32).mul_add(1.0 / 16_777_216.0, 0.5 / 16_777_216.0);
+            assert_eq!(one_fma.to_bits(), uniform(f << 8).to_bits(), "f = {f}");
         }
     }
 
