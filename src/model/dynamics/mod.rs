@@ -163,7 +163,6 @@ impl Dynamics {
             }
             Net::Mlp { w1t, b1, w2t, b2 } => {
                 if self.kind == DynamicsKind::Mlp {
-                    out.copy_from_slice(z);
                     mlp_field(z, out, true, s, l, h, w1t, b1, w2t, b2, &mut scr.hid);
                 } else {
                     self.rk4(z, out, scr, w1t, b1, w2t, b2);
@@ -263,12 +262,13 @@ crate::math::avx512_twin! {
     }
 }
 
-/// out (+)= W2 tanh(W1 z + b1) + b2 for all S rows (accumulates into `out` when asked).
+/// out = g(z) = W2 tanh(W1 z + b1) + b2 for all S rows, or z + g(z) when `residual` (added
+/// in the pass that adds b2, rather than copied in first: (z + W2 t) + b2 either way).
 #[allow(clippy::too_many_arguments)]
 fn mlp_field(
     z: &[f32],
     out: &mut [f32],
-    accumulate: bool,
+    residual: bool,
     s: usize,
     l: usize,
     h: usize,
@@ -280,6 +280,14 @@ fn mlp_field(
 ) {
     gemm(hid, h, MatRef::new(z, s, l), MatRef::new(w1t, l, h), 1.0, false);
     fast::tanh_bias_rows(hid, b1);
-    gemm(out, l, MatRef::new(hid, s, h), MatRef::new(w2t, h, l), 1.0, accumulate);
-    add_row(out, b2);
+    gemm(out, l, MatRef::new(hid, s, h), MatRef::new(w2t, h, l), 1.0, false);
+    if residual {
+        for (orow, zrow) in out.chunks_exact_mut(l).zip(z.chunks_exact(l)) {
+            for ((o, zi), bi) in orow.iter_mut().zip(zrow).zip(b2) {
+                *o = (*zi + *o) + bi;
+            }
+        }
+    } else {
+        add_row(out, b2);
+    }
 }
