@@ -13,6 +13,7 @@ use latentloop::fit::xfads::{train, GradMode, TrainOptions};
 use latentloop::gpu::{select_backend, Backend};
 use latentloop::kalman::KalmanMode;
 use latentloop::model::{build, Card, DynamicsKind, Readout, ReadoutKind, UpdateKind};
+use latentloop::pipeline::jitter::{self, JitterOptions};
 use latentloop::pipeline::{self, RunOptions};
 use latentloop::sim::{self, SimConfig, System};
 use std::path::PathBuf;
@@ -48,6 +49,16 @@ enum Command {
     /// Write a randomly initialised XFADS model of a given size: to measure what latency a
     /// model of that size gets on a rig before any training.
     RandomModel(RandomModelArgs),
+    /// Measure a core's scheduling noise floor: the latency tail no decoder on it can beat.
+    ///
+    /// A thread spins on the core reading the clock; every gap of 2 us or more between two
+    /// reads is a stall (hypervisor steal, interrupts, kernel threads, other tasks). From
+    /// the stalls it replays an ideal decoder that needs --work-us of CPU for a bin arriving
+    /// every --bin-ms, and reports that decoder's latency percentiles: a floor under `run`'s
+    /// receive-to-publish on this core. Run it on the rig before a session, with the core
+    /// and priority the decoder gets (the config's decode_core and realtime_priority).
+    /// Prints a JSON report on stdout and a one-line summary on stderr.
+    Jitter(JitterArgs),
     /// Print a model file's card.
     Info {
         /// The model file (.safetensors).
@@ -66,6 +77,26 @@ struct RunArgs {
     /// No live status line or final table (reports are still written).
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct JitterArgs {
+    /// How long to watch the core.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// The core to watch (default: wherever the scheduler puts the thread).
+    #[arg(long)]
+    core: Option<usize>,
+    /// Spin under SCHED_FIFO at this priority (1-99; needs root or CAP_SYS_NICE).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=99))]
+    realtime_priority: Option<i32>,
+    /// Bin width of the ideal decoder, in ms.
+    #[arg(long, default_value_t = 1.0)]
+    bin_ms: f64,
+    /// CPU time the ideal decoder needs per bin, in us (latentloop's receive-to-publish
+    /// median at the standard model size is about 50 us).
+    #[arg(long, default_value_t = 50.0)]
+    work_us: f64,
 }
 
 #[derive(Args)]
@@ -414,6 +445,25 @@ fn dispatch(cmd: Command) -> Result<()> {
             card.validate().map_err(Error::Invalid)?;
             build::random(&card, a.seed, 0.05, 0.3).write(&a.out)?;
             eprintln!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Jitter(a) => {
+            if !(a.work_us.is_finite() && a.work_us >= 0.0) {
+                return Err(Error::Invalid(format!("--work-us must be >= 0, not {}", a.work_us)));
+            }
+            let ns = |ms: f64| if ms.is_finite() && ms >= 0.0 { (ms * 1e6).round() as u64 } else { 0 };
+            let opts = JitterOptions {
+                seconds: a.seconds,
+                core: a.core,
+                realtime: a.realtime_priority,
+                period_ns: ns(a.bin_ms),
+                work_ns: ns(a.work_us / 1e3),
+            };
+            opts.validate().map_err(Error::Invalid)?;
+            eprintln!("watching {} for {} s ...", a.core.map_or("a core".into(), |c| format!("core {c}")), a.seconds);
+            let report = jitter::measure(&opts).map_err(Error::Invalid)?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            eprintln!("{}", report.line());
             Ok(())
         }
         Command::Info { model } => {

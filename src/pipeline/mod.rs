@@ -13,6 +13,7 @@
 pub mod acquire;
 pub mod clock;
 pub mod decode;
+pub mod jitter;
 pub mod source;
 pub mod stats;
 

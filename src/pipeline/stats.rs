@@ -91,6 +91,24 @@ pub struct StageSummary {
     pub mean_us: f64,
 }
 
+impl StageSummary {
+    /// Percentiles of a histogram of ns, in us.
+    pub fn of(stage: &str, meaning: &str, h: &Histogram<u64>) -> Self {
+        let q = |p: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(p) as f64 / 1e3 };
+        StageSummary {
+            stage: stage.to_string(),
+            meaning: meaning.to_string(),
+            count: h.len(),
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            max_us: if h.is_empty() { 0.0 } else { h.max() as f64 / 1e3 },
+            mean_us: if h.is_empty() { 0.0 } else { h.mean() / 1e3 },
+        }
+    }
+}
+
 pub struct Stats {
     pub hists: Vec<Histogram<u64>>,
     /// Since the last snapshot.
@@ -138,24 +156,7 @@ impl Stats {
     }
 
     fn summarise(hists: &[Histogram<u64>]) -> Vec<StageSummary> {
-        STAGES
-            .iter()
-            .zip(hists)
-            .map(|((name, meaning), h)| {
-                let q = |p: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(p) as f64 / 1e3 };
-                StageSummary {
-                    stage: name.to_string(),
-                    meaning: meaning.to_string(),
-                    count: h.len(),
-                    p50_us: q(0.5),
-                    p90_us: q(0.9),
-                    p99_us: q(0.99),
-                    p999_us: q(0.999),
-                    max_us: if h.is_empty() { 0.0 } else { h.max() as f64 / 1e3 },
-                    mean_us: if h.is_empty() { 0.0 } else { h.mean() / 1e3 },
-                }
-            })
-            .collect()
+        STAGES.iter().zip(hists).map(|((name, meaning), h)| StageSummary::of(name, meaning, h)).collect()
     }
 
     pub fn summary(&self) -> Vec<StageSummary> {
