@@ -106,9 +106,12 @@ fn catch_up(
 impl Decode {
     /// Waits for a bin. Bins come on a clock: sleep until `SPIN_LEAD` before the expected
     /// arrival, then spin (a woken thread costs ~30 us, a spinning one sees the bin at
-    /// once), and if it is more than `spin` late, nap until the producer unparks us.
+    /// once), and if it is more than `spin` late, nap until the producer unparks us. A
+    /// `spin` of a bin width or more never sleeps ahead: the thread spins from one bin to
+    /// the next (for a core of its own, where no wake-up is the lowest latency).
     fn wait(&mut self, expected_ns: Option<u64>) -> Option<BinSlot> {
         let spin_ns = self.spin.as_nanos() as u64;
+        let sleep_ahead = spin_ns < self.bin_ns;
         let start = monotonic_ns();
         let expected = expected_ns.unwrap_or(start);
         loop {
@@ -119,7 +122,7 @@ impl Decode {
                 return None;
             }
             let now = monotonic_ns();
-            if now + SPIN_LEAD_NS < expected {
+            if sleep_ahead && now + SPIN_LEAD_NS < expected {
                 std::thread::park_timeout(Duration::from_nanos(expected - SPIN_LEAD_NS - now));
             } else if now < expected.max(start) + spin_ns {
                 std::hint::spin_loop();
