@@ -2,7 +2,9 @@
 # Measures the pipeline at 1 kHz with the standard mlp model size (L=32, N=128, S=64, r=8,
 # H=128) over ipc and tcp loopback: latentloop decodes bins sent by a pyzmq client
 # (examples/python/latency_probe.py), which receives the outputs and reports send->receive
-# latency; latentloop's own receive->publish histogram comes from its summary.json.
+# latency; latentloop's own receive->publish histogram comes from its summary.json. First
+# `latentloop jitter` measures the machine's floor: an ideal decoder needing 50 us per 1 ms
+# bin, delayed only by the stalls a spinning thread sees (the tail no decoder can beat here).
 #
 #   scripts/measure-latency.sh [SECONDS]        (default 65; needs .venv with pyzmq, numpy)
 #   REALTIME=50 scripts/measure-latency.sh      (decode thread under SCHED_FIFO 50; needs root)
@@ -18,6 +20,9 @@ cargo build --release -q
 ll=target/release/latentloop
 $ll random-model --dynamics mlp --latents 32 --channels 128 --samples 64 --rank 8 --hidden 128 \
     --encoder-hidden 128 --dt 0.001 --out "$out/standard.safetensors" 2>/dev/null
+jitter_core=()
+if [ -n "${PIN:-}" ]; then jitter_core=(--core 1); fi
+$ll jitter --seconds "$(( secs < 60 ? secs : 60 ))" "${jitter_core[@]}" --bin-ms 1 --work-us 50 > "$out/jitter.json"
 for transport in ipc tcp; do
     if [ "$transport" = ipc ]; then
         in="ipc://$PWD/$out/in.sock"; outp="ipc://$PWD/$out/out.sock"
@@ -57,6 +62,9 @@ import json, sys
 out = sys.argv[1]
 print("| transport | measured by | bins | p50 us | p99 us | p99.9 us | max us | missed 1 ms deadline | lost |")
 print("|---|---|---|---|---|---|---|---|---|")
+j = json.load(open(f"{out}/jitter.json"))
+d = j["ideal_decoder"]
+print(f"| - | floor: ideal 50 us decoder (latentloop jitter, {j['seconds']:.0f} s) | {d['count']} | {d['p50_us']:.0f} | {d['p99_us']:.0f} | {d['p999_us']:.0f} | {d['max_us']:.0f} | {j['ideal_deadline_misses']} | |")
 for t in ["ipc", "tcp"]:
     p = json.load(open(f"{out}/{t}-probe.json"))
     e = p["latency"]["end_to_end"]
