@@ -448,18 +448,8 @@ fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Jitter(a) => {
-            if !(a.work_us.is_finite() && a.work_us >= 0.0) {
-                return Err(Error::Invalid(format!("--work-us must be >= 0, not {}", a.work_us)));
-            }
-            let ns = |ms: f64| if ms.is_finite() && ms >= 0.0 { (ms * 1e6).round() as u64 } else { 0 };
-            let opts = JitterOptions {
-                seconds: a.seconds,
-                core: a.core,
-                realtime: a.realtime_priority,
-                period_ns: ns(a.bin_ms),
-                work_ns: ns(a.work_us / 1e3),
-            };
-            opts.validate().map_err(Error::Invalid)?;
+            let opts = JitterOptions::new(a.seconds, a.core, a.realtime_priority, a.bin_ms, a.work_us)
+                .map_err(Error::Invalid)?;
             eprintln!("watching {} for {} s ...", a.core.map_or("a core".into(), |c| format!("core {c}")), a.seconds);
             let report = jitter::measure(&opts).map_err(Error::Invalid)?;
             println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));

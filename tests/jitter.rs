@@ -34,7 +34,7 @@ fn reports_the_floor_of_a_core_as_json() {
 fn bad_options_are_refused_with_the_reason() {
     for (args, reason) in [
         (&["--bin-ms", "0"][..], "--bin-ms must be positive"),
-        (&["--bin-ms", "1", "--work-us", "1500"][..], "must be shorter than a bin"),
+        (&["--bin-ms", "1", "--work-us", "1500"][..], "shorter than a bin (1000 us)"),
         (&["--work-us=-5"][..], "--work-us must be >= 0"),
         (&["--seconds", "0"][..], "--seconds must be in (0, 3600]"),
         (&["--core", "1023", "--seconds", "0.1"][..], "cannot pin to core 1023"),

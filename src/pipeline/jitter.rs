@@ -11,8 +11,7 @@
 //! on the core the decoder gets (`decode_core`), with its `realtime_priority`.
 
 use super::clock::{monotonic_ns, pin_current_thread, set_realtime};
-use super::stats::StageSummary;
-use hdrhistogram::Histogram;
+use super::stats::{hist, StageSummary};
 use serde::Serialize;
 
 /// A gap between two clock reads at least this long is a stall. An undisturbed read loop
@@ -24,33 +23,38 @@ const MAX_STALLS_PER_SECOND: f64 = 50_000.0;
 /// Stall counts are also reported over these lengths (us).
 const OVER_US: [u64; 5] = [10, 50, 150, 1_000, 10_000];
 
+/// What to watch and which ideal decoder to replay; checked when made (`new`).
 #[derive(Clone, Copy, Debug)]
 pub struct JitterOptions {
-    pub seconds: f64,
-    pub core: Option<usize>,
-    pub realtime: Option<i32>,
+    seconds: f64,
+    core: Option<usize>,
+    realtime: Option<i32>,
     /// The bin width: one ideal bin arrives per period.
-    pub period_ns: u64,
+    period_ns: u64,
     /// CPU time the ideal decoder needs per bin.
-    pub work_ns: u64,
+    work_ns: u64,
 }
 
 impl JitterOptions {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.seconds > 0.0 && self.seconds <= 3600.0) {
-            return Err(format!("--seconds must be in (0, 3600], not {}", self.seconds));
+    /// Options from the command line's units, refused with the flag and the reason.
+    pub fn new(
+        seconds: f64,
+        core: Option<usize>,
+        realtime: Option<i32>,
+        bin_ms: f64,
+        work_us: f64,
+    ) -> Result<Self, String> {
+        if !(seconds > 0.0 && seconds <= 3600.0) {
+            return Err(format!("--seconds must be in (0, 3600], not {seconds}"));
         }
-        if self.period_ns == 0 {
-            return Err("--bin-ms must be positive".into());
+        if !(bin_ms > 0.0 && bin_ms.is_finite()) {
+            return Err(format!("--bin-ms must be positive, not {bin_ms}"));
         }
-        if self.work_ns >= self.period_ns {
-            return Err(format!(
-                "--work-us ({} us) must be shorter than a bin ({} us)",
-                self.work_ns / 1000,
-                self.period_ns / 1000
-            ));
+        if !(work_us >= 0.0 && work_us < bin_ms * 1e3) {
+            return Err(format!("--work-us must be >= 0 and shorter than a bin ({} us), not {work_us}", bin_ms * 1e3));
         }
-        Ok(())
+        let ns = |x: f64| (x * 1e3).round() as u64;
+        Ok(JitterOptions { seconds, core, realtime, period_ns: ns(bin_ms * 1e3).max(1), work_ns: ns(work_us) })
     }
 }
 
@@ -108,7 +112,6 @@ impl JitterReport {
 
 /// Watches the core for `o.seconds` on a thread of its own, then replays the ideal decoder.
 pub fn measure(o: &JitterOptions) -> Result<JitterReport, String> {
-    o.validate()?;
     let o = *o;
     let watched = std::thread::Builder::new()
         .name("ll-jitter".into())
@@ -155,10 +158,6 @@ fn watch(seconds: f64) -> Watched {
         }
     }
     Watched { start, end: last, stalls, truncated }
-}
-
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }
 
 fn report(o: &JitterOptions, w: &Watched) -> JitterReport {
@@ -248,18 +247,21 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        let ok = JitterOptions { seconds: 1.0, core: None, realtime: None, period_ns: 1_000_000, work_ns: 50_000 };
-        assert!(ok.validate().is_ok());
-        assert!(JitterOptions { seconds: 0.0, ..ok }.validate().unwrap_err().contains("--seconds"));
-        assert!(JitterOptions { seconds: f64::NAN, ..ok }.validate().unwrap_err().contains("--seconds"));
-        assert!(JitterOptions { period_ns: 0, ..ok }.validate().unwrap_err().contains("--bin-ms"));
-        assert!(JitterOptions { work_ns: 1_000_000, ..ok }.validate().unwrap_err().contains("shorter than a bin"));
+        let o = JitterOptions::new(1.0, Some(1), None, 1.0, 50.0).unwrap();
+        assert_eq!((o.period_ns, o.work_ns), (1_000_000, 50_000));
+        let err = |s, b, w| JitterOptions::new(s, None, None, b, w).unwrap_err();
+        assert!(err(0.0, 1.0, 50.0).contains("--seconds"));
+        assert!(err(f64::NAN, 1.0, 50.0).contains("--seconds"));
+        assert!(err(1.0, 0.0, 50.0).contains("--bin-ms must be positive"));
+        assert!(err(1.0, -1.0, 0.0).contains("--bin-ms must be positive"));
+        assert!(err(1.0, 1.0, 1000.0).contains("shorter than a bin"));
+        assert!(err(1.0, 1.0, -5.0).contains("--work-us must be >= 0"));
+        assert!(err(1.0, 1.0, f64::NAN).contains("--work-us"));
     }
 
     #[test]
     fn a_short_watch_reports_consistent_figures() {
-        let o = JitterOptions { seconds: 0.05, core: None, realtime: None, period_ns: 1_000_000, work_ns: 10_000 };
-        let r = measure(&o).unwrap();
+        let r = measure(&JitterOptions::new(0.05, None, None, 1.0, 10.0).unwrap()).unwrap();
         assert!(r.seconds >= 0.05 && r.seconds < 1.0, "{}", r.seconds);
         assert!((0.0..=1.0).contains(&r.stolen_fraction));
         assert_eq!(r.ideal_decoder.count, (r.seconds * 1e9).round() as u64 / 1_000_000);

@@ -39,8 +39,8 @@ pub const STAGES: [(&str, &str); 6] = [
     ("predict_ahead", "prediction made before the bin arrived (off the critical path)"),
 ];
 
-fn hist() -> Histogram<u64> {
-    // 1 ns .. 100 s at 3 significant digits.
+/// A latency histogram: 1 ns .. 100 s at 3 significant digits.
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid histogram bounds")
 }
 
