@@ -48,8 +48,18 @@ pub struct Decode {
 
 /// A sequence number this far below the last one is a restarted publisher, not a late bin.
 const REORDER_WINDOW: u64 = 64;
-/// Start spinning this long before a bin is due (a timed park wakes up to ~100 us late).
-const SPIN_LEAD_NS: u64 = 250_000;
+/// Start spinning at least this long before a bin is due: a timed park wakes up late.
+const MIN_LEAD_NS: u64 = 250_000;
+/// Added to the lateness a park showed when the lead grows to cover it.
+const LEAD_MARGIN_NS: u64 = 50_000;
+
+/// The spin lead after a timed park that woke `late` ns after it was asked to: the recent
+/// worst lateness plus a margin, forgotten by 1/64 a park, within [MIN_LEAD, bin / 4] so that
+/// spinning never takes more than a quarter of the core. (On a VM a 19 ms park wakes 130 to
+/// 1,800 us late, so a fixed lead left the decoder asleep when most 20 ms bins came.)
+fn next_lead(lead: u64, late: u64, bin_ns: u64) -> u64 {
+    (lead - lead / 64).max(late + LEAD_MARGIN_NS).clamp(MIN_LEAD_NS, (bin_ns / 4).max(MIN_LEAD_NS))
+}
 
 /// Whether `slot` starts a new stream after `last` (the last sequence number decoded or
 /// kept): the publisher said so, or the sequence jumped back by more than the window.
@@ -104,12 +114,13 @@ fn catch_up(
 }
 
 impl Decode {
-    /// Waits for a bin. Bins come on a clock: sleep until `SPIN_LEAD` before the expected
+    /// Waits for a bin. Bins come on a clock: sleep until `lead` before the expected
     /// arrival, then spin (a woken thread costs ~30 us, a spinning one sees the bin at
-    /// once), and if it is more than `spin` late, nap until the producer unparks us. A
-    /// `spin` of a bin width or more never sleeps ahead: the thread spins from one bin to
-    /// the next (for a core of its own, where no wake-up is the lowest latency).
-    fn wait(&mut self, expected_ns: Option<u64>) -> Option<BinSlot> {
+    /// once), and if it is more than `spin` late, nap until the producer unparks us. The
+    /// lead follows how late the timed parks wake ([`next_lead`]). A `spin` of a bin width
+    /// or more never sleeps ahead: the thread spins from one bin to the next (for a core of
+    /// its own, where no wake-up is the lowest latency).
+    fn wait(&mut self, expected_ns: Option<u64>, lead: &mut u64) -> Option<BinSlot> {
         let spin_ns = self.spin.as_nanos() as u64;
         let sleep_ahead = spin_ns < self.bin_ns;
         let start = monotonic_ns();
@@ -122,8 +133,13 @@ impl Decode {
                 return None;
             }
             let now = monotonic_ns();
-            if sleep_ahead && now + SPIN_LEAD_NS < expected {
-                std::thread::park_timeout(Duration::from_nanos(expected - SPIN_LEAD_NS - now));
+            if sleep_ahead && now + *lead < expected {
+                let until = expected - *lead;
+                std::thread::park_timeout(Duration::from_nanos(until - now));
+                let woke = monotonic_ns();
+                if woke > until {
+                    *lead = next_lead(*lead, woke - until, self.bin_ns);
+                }
             } else if now < expected.max(start) + spin_ns {
                 std::hint::spin_loop();
             } else {
@@ -138,6 +154,9 @@ impl Decode {
                 eprintln!("warning: decode thread: {e}");
             }
         }
+        if let Err(e) = super::clock::tighten_timer_slack() {
+            eprintln!("warning: decode thread: {e}");
+        }
         let setup = self.realtime.map_or(Ok(()), super::clock::set_realtime);
         let failed = setup.is_err();
         let _ = self.ready.send(setup);
@@ -148,12 +167,13 @@ impl Decode {
         let mut msg = vec![0u8; output::len(d, l)];
         let mut last_seq: Option<u64> = None;
         let mut expected_ns: Option<u64> = None;
+        let mut lead = MIN_LEAD_NS;
         let c = self.counters.clone();
         loop {
             let t0 = monotonic_ns();
             self.decoder.predict(); // the next bin's prediction, before it arrives
             let predict_ns = monotonic_ns() - t0;
-            let Some(mut slot) = self.wait(expected_ns) else { break };
+            let Some(mut slot) = self.wait(expected_ns, &mut lead) else { break };
             let now = monotonic_ns();
             let stale_ns = self.stale_ns;
             let is_stale = |b: &BinSlot| now.saturating_sub(b.recv_ns) > stale_ns;
@@ -302,6 +322,26 @@ mod tests {
         let returned = std::iter::from_fn(|| back.try_pop()).count() as u64;
         assert_eq!(returned, done.skipped + done.stale, "every slot not kept goes back");
         (kept.seq, kept.restart, done)
+    }
+
+    #[test]
+    fn the_lead_covers_the_lateness_seen_then_forgets_it() {
+        let bin = 20_000_000;
+        // Lateness under the minimum leaves it there.
+        assert_eq!(next_lead(MIN_LEAD_NS, 100_000, bin), MIN_LEAD_NS);
+        // A late wake-up grows it to that lateness plus the margin...
+        let grown = next_lead(MIN_LEAD_NS, 1_700_000, bin);
+        assert_eq!(grown, 1_750_000);
+        // ...then it decays by 1/64 a park while the parks are on time...
+        assert_eq!(next_lead(grown, 0, bin), 1_750_000 - 1_750_000 / 64);
+        let mut l = grown;
+        for _ in 0..1000 {
+            l = next_lead(l, 0, bin);
+        }
+        assert_eq!(l, MIN_LEAD_NS);
+        // ...and never exceeds a quarter of a bin (nor falls below the minimum for short bins).
+        assert_eq!(next_lead(MIN_LEAD_NS, 9_000_000, bin), bin / 4);
+        assert_eq!(next_lead(MIN_LEAD_NS, 900_000, 1_000_000), MIN_LEAD_NS);
     }
 
     #[test]
