@@ -13,7 +13,8 @@
 //! its first, with RESTART|RESET, and the bins skipped before it in `dropped_before`).
 //!
 //! Per bin this thread allocates nothing, takes no lock, and makes no system call but the
-//! socket's (a bin is awaited by spinning, then parking only after `spin`).
+//! socket's and, while no bin is due, a timed park: it sleeps until shortly before the next
+//! bin is due, then spins (`Decode::wait`).
 
 use super::clock::monotonic_ns;
 use super::source::{BinSlot, Counters, SlotKind};
