@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, Criterion};
 use latentloop::filter::{Filter, FilterOptions};
-use latentloop::math::gemm::{self, MatRef, Op, Shape};
+use latentloop::math::gemm::{self, MatRef, Op, Shape, Weights};
 use latentloop::math::philox::{Normals, Purpose};
 use latentloop::model::build::{self, Size};
 use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
@@ -43,22 +43,26 @@ fn bins(n: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Buffers to replay recorded products on.
+/// Buffers to replay recorded products on (B in the layout the step used: weights as
+/// [`Weights`] panels, so the floor is the products the step really made).
 struct Replay {
     shapes: Vec<Shape>,
-    bufs: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    bufs: Vec<(Vec<f32>, Weights, Vec<f32>)>,
 }
 
 impl Replay {
     fn new(shapes: Vec<Shape>) -> Self {
-        let bufs =
-            shapes.iter().map(|s| (vec![0.01; s.m * s.k], vec![0.02; s.k * s.n], vec![0.0; s.m * s.n])).collect();
+        let bufs = shapes
+            .iter()
+            .map(|s| (vec![0.01; s.m * s.k], Weights::new(vec![0.02; s.k * s.n], s.k, s.n), vec![0.0; s.m * s.n]))
+            .collect();
         Replay { shapes, bufs }
     }
     fn run(&mut self) {
         for (s, (a, b, c)) in self.shapes.iter().zip(self.bufs.iter_mut()) {
             match s.op {
                 Op::Gemm => gemm::gemm(c, s.n, MatRef::new(a, s.m, s.k), MatRef::new(b, s.k, s.n), 1.0, false),
+                Op::GemmWeights => gemm::gemm_weights(c, s.n, MatRef::new(a, s.m, s.k), b, 1.0, false),
                 Op::Gemv => gemm::gemv(c, a, s.m, s.k, b, 1.0, false),
                 Op::GemvT => gemm::gemv_t(c, b, s.k, s.n, a, 1.0, false),
             }

@@ -3,7 +3,7 @@
 //! Why our own: `matrixmultiply` and `gemm` both allocate packing buffers on every call, and
 //! the per-bin step must not touch the heap. At the filter's shapes (tens to a few hundred
 //! rows and columns) packing does not pay for itself anyway: B's column panel stays in L1
-//! while we sweep A, so a 6x16 register-blocked FMA kernel reaches most of one core's peak.
+//! while we sweep A, so a register-blocked FMA kernel (3 x 32 tiles) reaches most of one core's peak.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Gemm,
+    /// A product with [`Weights`]: B read from its contiguous column panels.
+    GemmWeights,
     Gemv,
     GemvT,
 }
@@ -98,6 +100,11 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, accumul
     a.check();
     b.check();
     note(Op::Gemm, m, k, n);
+    gemm_unrecorded(c, ldc, a, b, alpha, accumulate)
+}
+
+fn gemm_unrecorded(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
@@ -114,11 +121,103 @@ pub fn gemm(c: &mut [f32], ldc: usize, a: MatRef, b: MatRef, alpha: f32, accumul
     unsafe { imp::gemm(c.as_mut_ptr(), ldc, a, b, alpha, accumulate) }
 }
 
+/// Columns per panel of the AVX2 kernel (four vectors) and of [`Weights`].
+const PANEL: usize = 32;
+
+/// A constant right-hand factor B (k x n, row-major; a model's weights in compute layout),
+/// kept twice: row-major, which the GPU upload and training read (`Deref`), and as column
+/// panels of [`PANEL`] columns, each a contiguous k x w block, which [`gemm_weights`] reads.
+/// Why: B's rows are n floats apart, and at n = 384 (the GRU's 3H) the 128 rows of one panel
+/// fall into a sixteenth of L1's sets and evict each other; a contiguous panel does not.
+/// Measured on the GRU's 64 x 128 x 384 product: 62 -> 85 GFLOP/s.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weights {
+    k: usize,
+    n: usize,
+    rows: Vec<f32>,
+    panels: Vec<f32>,
+}
+
+impl Weights {
+    /// From a row-major `k x n` matrix.
+    pub fn new(rows: Vec<f32>, k: usize, n: usize) -> Self {
+        assert_eq!(rows.len(), k * n, "weights: {k} x {n} needs {} values", k * n);
+        let mut panels = Vec::with_capacity(k * n);
+        for j0 in (0..n).step_by(PANEL) {
+            let w = (n - j0).min(PANEL);
+            for row in rows.chunks_exact(n.max(1)) {
+                panels.extend_from_slice(&row[j0..j0 + w]);
+            }
+        }
+        Weights { k, n, rows, panels }
+    }
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+impl std::ops::Deref for Weights {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.rows
+    }
+}
+
+/// `C = alpha * A B + (accumulate ? C : 0)` with B given as [`Weights`]: the same
+/// arithmetic as [`gemm`], bit for bit, panel by panel.
+pub fn gemm_weights(c: &mut [f32], ldc: usize, a: MatRef, b: &Weights, alpha: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, b.k, b.n);
+    assert_eq!(a.cols, k, "inner dimensions differ");
+    a.check();
+    note(Op::GemmWeights, m, k, n);
+    if m > 0 && n > 0 {
+        assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "C buffer too short");
+    }
+    for j0 in (0..n).step_by(PANEL) {
+        let w = (n - j0).min(PANEL);
+        let panel = MatRef::new(&b.panels[j0 * k..j0 * k + k * w], k, w);
+        gemm_unrecorded(&mut c[j0..], ldc, a, panel, alpha, accumulate);
+    }
+}
+
 /// `y = alpha * A x + (accumulate ? y : 0)` with A row-major (`rows x cols`, contiguous rows).
 pub fn gemv(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha: f32, accumulate: bool) {
     assert!(a.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
     note(Op::Gemv, rows, cols, 1);
-    for (i, yi) in y[..rows].iter_mut().enumerate() {
+    let mut i = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if cols >= 16 {
+        // SAFETY: a holds rows x cols, x holds cols and y holds rows (asserted above).
+        while i + 8 <= rows {
+            let d = unsafe { imp::dot8(a.as_ptr().add(i * cols), cols, x.as_ptr()) };
+            for (yi, d) in y[i..i + 8].iter_mut().zip(d) {
+                let d = d * alpha;
+                *yi = if accumulate { *yi + d } else { d };
+            }
+            i += 8;
+        }
+    }
+    if cols < 16 {
+        // Short rows are one FMA chain each (see `dot`): eight rows' chains interleaved, so
+        // their latencies overlap.
+        while i + 8 <= rows {
+            let mut s = [0f32; 8];
+            for (j, xj) in x[..cols].iter().enumerate() {
+                for (r, s) in s.iter_mut().enumerate() {
+                    *s = a[(i + r) * cols + j].mul_add(*xj, *s);
+                }
+            }
+            for (yi, d) in y[i..i + 8].iter_mut().zip(s) {
+                let d = d * alpha;
+                *yi = if accumulate { *yi + d } else { d };
+            }
+            i += 8;
+        }
+    }
+    for (i, yi) in y[..rows].iter_mut().enumerate().skip(i) {
         let d = dot(&a[i * cols..(i + 1) * cols], &x[..cols]) * alpha;
         *yi = if accumulate { *yi + d } else { d };
     }
@@ -204,45 +303,100 @@ mod imp {
     use super::MatRef;
     use std::arch::x86_64::*;
 
-    const MR: usize = 6;
-    const NR: usize = 16;
+    const NR: usize = super::PANEL;
 
+    /// Why these tiles (measured on Zen 3, `cargo bench --bench filter_step`): a broadcast
+    /// from memory costs a slot of the FMA pipes there, so a tile should broadcast few A
+    /// values per FMA. A 3 x 32 tile does 12 FMAs per 3 broadcasts (6 x 16: per 6) and was
+    /// 10-20% faster on the filter's shapes. Narrower panels (the last one, or n = r) use
+    /// 4 x 24, 6 x 16 and 8 x 8 tiles: at least 8 accumulators, enough independent FMA
+    /// chains for both pipes, and only the last vector is masked. Every element of C is one FMA chain over k in order,
+    /// whatever the tile: the result is the same bit for bit (the GPU kernels rely on it).
     pub unsafe fn gemm(c: *mut f32, ldc: usize, a: MatRef, b: MatRef, alpha: f32, acc: bool) {
         let (m, k, n) = (a.rows, a.cols, b.cols);
         let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
-        // Column panels outermost: the k x 16 panel of B stays in L1 while all of A streams by.
+        // Column panels outermost: the k x 32 panel of B stays in L1 while all of A streams by.
         let mut j0 = 0;
         while j0 < n {
             let w = (n - j0).min(NR);
-            let bj = bp.add(j0);
-            let mut i0 = 0;
-            while i0 < m {
-                let h = (m - i0).min(MR);
-                let ai = ap.add(i0 * a.rs);
-                let ci = c.add(i0 * ldc + j0);
-                if w == NR {
-                    match h {
-                        6 => tile::<6, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        5 => tile::<5, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        4 => tile::<4, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        3 => tile::<3, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        2 => tile::<2, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        _ => tile::<1, false>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                    }
-                } else {
-                    match h {
-                        6 => tile::<6, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        5 => tile::<5, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        4 => tile::<4, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        3 => tile::<3, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        2 => tile::<2, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                        _ => tile::<1, true>(k, ai, a.rs, a.cs, bj, b.rs, ci, ldc, w, alpha, acc),
-                    }
-                }
-                i0 += MR;
+            let p = Panel { k, a: ap, rsa: a.rs, csa: a.cs, b: bp.add(j0), ldb: b.rs, tail: w - 8 * ((w - 1) / 8) };
+            let cj = c.add(j0);
+            match (w.div_ceil(8), p.tail == 8) {
+                (4, true) => rows::<3, 4, true, false>(&p, m, cj, ldc, alpha, acc),
+                (4, false) => rows::<3, 4, true, true>(&p, m, cj, ldc, alpha, acc),
+                (3, true) => rows::<4, 3, false, false>(&p, m, cj, ldc, alpha, acc),
+                (3, false) => rows::<4, 3, false, true>(&p, m, cj, ldc, alpha, acc),
+                (2, true) => rows::<6, 2, false, false>(&p, m, cj, ldc, alpha, acc),
+                (2, false) => rows::<6, 2, false, true>(&p, m, cj, ldc, alpha, acc),
+                (_, true) => rows::<8, 1, false, false>(&p, m, cj, ldc, alpha, acc),
+                (_, false) => rows::<8, 1, false, true>(&p, m, cj, ldc, alpha, acc),
             }
             j0 += NR;
         }
+    }
+
+    /// One column panel of the product: A (any strides), B's panel, and how many lanes of
+    /// its last vector are live (1..=8).
+    struct Panel {
+        k: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        ldb: usize,
+        tail: usize,
+    }
+
+    /// All rows of one panel in tiles of H rows. The last tile may have fewer live rows: it
+    /// reads its last live row again in place of the missing ones and stores only the live
+    /// ones, so that each tile shape is compiled once (the kernel stays small enough for
+    /// the instruction caches; one instance per remainder made it 100 KB).
+    #[inline(always)]
+    unsafe fn rows<const H: usize, const NV: usize, const AFIRST: bool, const MASKED: bool>(
+        p: &Panel,
+        m: usize,
+        c: *mut f32,
+        ldc: usize,
+        alpha: f32,
+        acc: bool,
+    ) {
+        let mut i0 = 0;
+        while i0 < m {
+            let live = (m - i0).min(H);
+            tile::<H, NV, AFIRST, MASKED>(p, p.a.add(i0 * p.rsa), live, c.add(i0 * ldc), ldc, alpha, acc);
+            i0 += H;
+        }
+    }
+
+    /// [`super::dot`] of 8 consecutive rows (row stride `cols >= 16`) with `x`, each row's
+    /// arithmetic exactly that of `dot`: lane l of a row's register is its partial sum l,
+    /// and the same pairwise adds (l + l+4, then neighbours, then halves) are done for 8
+    /// rows at once by 128-bit adds and horizontal adds, instead of one row at a time.
+    #[inline]
+    pub unsafe fn dot8(a: *const f32, cols: usize, x: *const f32) -> [f32; 8] {
+        let chunks = cols / 8;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in 0..chunks {
+            let xv = _mm256_loadu_ps(x.add(8 * c));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(r * cols + 8 * c)), xv, *acc);
+            }
+        }
+        // t_r = (p0 + p4, p1 + p5, p2 + p6, p3 + p7) of row r.
+        let t: [__m128; 8] =
+            std::array::from_fn(|r| _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r])));
+        // ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)) for rows 0-3 and 4-7.
+        let lo = _mm_hadd_ps(_mm_hadd_ps(t[0], t[1]), _mm_hadd_ps(t[2], t[3]));
+        let hi = _mm_hadd_ps(_mm_hadd_ps(t[4], t[5]), _mm_hadd_ps(t[6], t[7]));
+        let mut s = [0f32; 8];
+        _mm_storeu_ps(s.as_mut_ptr(), lo);
+        _mm_storeu_ps(s.as_mut_ptr().add(4), hi);
+        for (r, s) in s.iter_mut().enumerate() {
+            for j in 8 * chunks..cols {
+                *s = (*a.add(r * cols + j)).mul_add(*x.add(j), *s);
+            }
+        }
+        s
     }
 
     #[inline(always)]
@@ -251,74 +405,72 @@ mod imp {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), idx)
     }
 
-    /// One `H x w` tile of C (w <= 16; MASKED when w < 16): H * 2 accumulators live in
-    /// registers for the whole k loop.
+    /// One `H x 8 NV` tile of C: H * NV accumulators live in registers for the whole k loop.
+    /// AFIRST broadcasts the H values of A first and streams B's vectors through one
+    /// register (for NV = 4: 3 + 12 + 1 registers); otherwise B's NV vectors are loaded first
+    /// and A's values stream. Either way no accumulator spills out of the 16 registers.
+    // Indexed loops over the register arrays: both indices address acc, B and A at once.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const H: usize, const MASKED: bool>(
-        k: usize,
+    unsafe fn tile<const H: usize, const NV: usize, const AFIRST: bool, const MASKED: bool>(
+        p: &Panel,
         a: *const f32,
-        rsa: usize,
-        csa: usize,
-        b: *const f32,
-        ldb: usize,
+        live: usize,
         c: *mut f32,
         ldc: usize,
-        w: usize,
         alpha: f32,
         accumulate: bool,
     ) {
-        let (m0, m1) = if MASKED {
-            (lane_mask(w.min(8)), lane_mask(w.saturating_sub(8)))
-        } else {
-            (_mm256_set1_epi32(-1), _mm256_set1_epi32(-1))
-        };
-        let two = !MASKED || w > 8;
-        let mut acc0 = [_mm256_setzero_ps(); H];
-        let mut acc1 = [_mm256_setzero_ps(); H];
-        let mut bp = b;
-        let mut ap = a;
-        for _ in 0..k {
-            let (b0, b1) = if MASKED {
-                let b0 = _mm256_maskload_ps(bp, m0);
-                let b1 = if two { _mm256_maskload_ps(bp.add(8), m1) } else { _mm256_setzero_ps() };
-                (b0, b1)
+        let mask = lane_mask(p.tail);
+        let last_masked = |v: usize| MASKED && v == NV - 1;
+        let load_b = |bp: *const f32, v: usize| {
+            if last_masked(v) {
+                _mm256_maskload_ps(bp.add(8 * v), mask)
             } else {
-                (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)))
-            };
-            for r in 0..H {
-                let av = _mm256_broadcast_ss(&*ap.add(r * rsa));
-                acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
-                if two {
-                    acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
-                }
+                _mm256_loadu_ps(bp.add(8 * v))
             }
-            bp = bp.add(ldb);
-            ap = ap.add(csa);
-        }
-        let al = _mm256_set1_ps(alpha);
-        for r in 0..H {
-            let cr = c.add(r * ldc);
-            let mut v0 = _mm256_mul_ps(acc0[r], al);
-            let mut v1 = _mm256_mul_ps(acc1[r], al);
-            if MASKED {
-                if accumulate {
-                    v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));
-                    if two {
-                        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr.add(8), m1));
+        };
+        let row: [usize; H] = std::array::from_fn(|r| r.min(live - 1) * p.rsa);
+        let mut acc = [[_mm256_setzero_ps(); NV]; H];
+        let (mut ap, mut bp) = (a, p.b);
+        for _ in 0..p.k {
+            if AFIRST {
+                let av: [__m256; H] = std::array::from_fn(|r| _mm256_broadcast_ss(&*ap.add(row[r])));
+                for v in 0..NV {
+                    let bv = load_b(bp, v);
+                    for r in 0..H {
+                        acc[r][v] = _mm256_fmadd_ps(av[r], bv, acc[r][v]);
                     }
                 }
-                _mm256_maskstore_ps(cr, m0, v0);
-                if two {
-                    _mm256_maskstore_ps(cr.add(8), m1, v1);
-                }
             } else {
-                if accumulate {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr.add(8)));
+                let bv: [__m256; NV] = std::array::from_fn(|v| load_b(bp, v));
+                for (r, off) in row.iter().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(*off));
+                    for v in 0..NV {
+                        acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                    }
                 }
-                _mm256_storeu_ps(cr, v0);
-                _mm256_storeu_ps(cr.add(8), v1);
+            }
+            bp = bp.add(p.ldb);
+            ap = ap.add(p.csa);
+        }
+        let al = _mm256_set1_ps(alpha);
+        for r in 0..live {
+            let cr = c.add(r * ldc);
+            for v in 0..NV {
+                let cv = cr.add(8 * v);
+                let mut x = _mm256_mul_ps(acc[r][v], al);
+                if last_masked(v) {
+                    if accumulate {
+                        x = _mm256_add_ps(x, _mm256_maskload_ps(cv, mask));
+                    }
+                    _mm256_maskstore_ps(cv, mask, x);
+                } else {
+                    if accumulate {
+                        x = _mm256_add_ps(x, _mm256_loadu_ps(cv));
+                    }
+                    _mm256_storeu_ps(cv, x);
+                }
             }
         }
     }
@@ -389,6 +541,64 @@ mod tests {
                         );
                     }
                     assert_eq!(&c[m * n..], &[0.5; 3], "wrote past C");
+                }
+            }
+        }
+    }
+
+    /// The contract the GPU kernels are built on: element (i, j) is the FMA chain
+    /// `fma(a_ik, b_kj, .)` over k in order from 0, times alpha, plus C if accumulating,
+    /// whichever tile (3 x 32, 4 x 24, 6 x 16, 8 x 8, masked or not, short last tiles) computed it.
+    #[test]
+    fn gemm_is_one_fma_chain_per_element_on_every_tile() {
+        for m in [1usize, 2, 3, 4, 5, 7, 11, 12, 13, 25] {
+            for n in [1usize, 4, 7, 8, 9, 15, 16, 17, 24, 25, 31, 32, 33, 40, 47, 64, 71] {
+                let k = 1 + (m * 7 + n) % 19;
+                let (a, b) = (filled(m * k, 7), filled(k * n, 8));
+                let av = MatRef::new(&a, k, m).t();
+                for acc in [false, true] {
+                    let mut c = filled(m * n, 9);
+                    let before = c.clone();
+                    gemm(&mut c, n, av, MatRef::new(&b, k, n), 0.75, acc);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let chain = (0..k).fold(0.0f32, |s, p| a[p * m + i].mul_add(b[p * n + j], s)) * 0.75;
+                            let want = if acc { chain + before[i * n + j] } else { chain };
+                            assert_eq!(c[i * n + j].to_bits(), want.to_bits(), "{m}x{k}x{n} acc={acc} ({i}, {j})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_with_weights_equal_plain_products_bit_for_bit() {
+        for (m, k, n) in [(5usize, 3usize, 1usize), (7, 9, 32), (13, 17, 33), (64, 128, 384), (3, 4, 71), (2, 0, 5)] {
+            let (a, b) = (filled(m * k, 10), filled(k * n, 11));
+            let w = Weights::new(b.clone(), k, n);
+            assert_eq!((&w[..], w.rows(), w.cols()), (&b[..], k, n));
+            for acc in [false, true] {
+                let (mut c1, mut c2) = (filled(m * n + 2, 12), filled(m * n + 2, 12));
+                gemm(&mut c1, n, MatRef::new(&a, m, k), MatRef::new(&b, k, n), -1.5, acc);
+                gemm_weights(&mut c2, n, MatRef::new(&a, m, k), &w, -1.5, acc);
+                assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{k}x{n} acc={acc}");
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_rows_are_dot_products_bit_for_bit() {
+        for (rows, cols) in [(1usize, 40usize), (8, 16), (9, 17), (64, 32), (23, 45), (16, 15), (40, 8)] {
+            let (a, x) = (filled(rows * cols, 13), filled(cols, 14));
+            for acc in [false, true] {
+                let mut y = filled(rows, 15);
+                let before = y.clone();
+                gemv(&mut y, &a, rows, cols, &x, -0.5, acc);
+                for i in 0..rows {
+                    let d = dot(&a[i * cols..(i + 1) * cols], &x) * -0.5;
+                    let want = if acc { before[i] + d } else { d };
+                    assert_eq!(y[i].to_bits(), want.to_bits(), "{rows}x{cols} acc={acc} row {i}");
                 }
             }
         }

@@ -9,7 +9,7 @@ use super::card::DynamicsKind;
 use super::file::ModelFile;
 use super::observation::transpose;
 use crate::math::fast;
-use crate::math::gemm::{gemm, MatRef};
+use crate::math::gemm::{gemm_weights, MatRef, Weights};
 
 /// Weightless RMSNorm epsilon (XFADS).
 pub(crate) const RMS_EPS: f32 = 1e-5;
@@ -17,19 +17,19 @@ pub(crate) const RMS_EPS: f32 = 1e-5;
 #[derive(Clone, Debug)]
 enum Net {
     /// f(z) = A z + a.
-    Linear { at: Vec<f32>, a: Vec<f32> },
+    Linear { at: Weights, a: Vec<f32> },
     /// g(z) = W2 tanh(W1 z + b1) + b2; mlp: f = z + g(z); node: f = RK4 flow of g.
-    Mlp { w1t: Vec<f32>, b1: Vec<f32>, w2t: Vec<f32>, b2: Vec<f32> },
+    Mlp { w1t: Weights, b1: Vec<f32>, w2t: Weights, b2: Vec<f32> },
     /// XFADS GRU cell with no input; the r and u biases are pre-summed (b_i + b_h).
     Gru {
-        wzh_t: Vec<f32>,
+        wzh_t: Weights,
         bzh: Vec<f32>,
-        whh_t: Vec<f32>,
+        whh_t: Weights,
         b_r: Vec<f32>,
         b_u: Vec<f32>,
         b_in: Vec<f32>,
         b_hn: Vec<f32>,
-        wout_t: Vec<f32>,
+        wout_t: Weights,
         bout: Vec<f32>,
     },
 }
@@ -113,25 +113,25 @@ impl Dynamics {
         let specs = param_specs(kind, l, h);
         let p = |i: usize| -> Result<&'a [f32], String> { get(specs[i].0, &specs[i].1, specs[i].2) };
         let net = match kind {
-            DynamicsKind::Linear => Net::Linear { at: transpose(p(0)?, l, l), a: p(1)?.to_vec() },
+            DynamicsKind::Linear => Net::Linear { at: Weights::new(transpose(p(0)?, l, l), l, l), a: p(1)?.to_vec() },
             DynamicsKind::Mlp | DynamicsKind::Node => Net::Mlp {
-                w1t: transpose(p(0)?, h, l),
+                w1t: Weights::new(transpose(p(0)?, h, l), l, h),
                 b1: p(1)?.to_vec(),
-                w2t: transpose(p(2)?, l, h),
+                w2t: Weights::new(transpose(p(2)?, l, h), h, l),
                 b2: p(3)?.to_vec(),
             },
             DynamicsKind::Gru => {
                 let (b_ih, b_hh) = (p(4)?, p(3)?);
                 let sum = |g: usize| (0..h).map(|i| b_ih[g * h + i] + b_hh[g * h + i]).collect();
                 Net::Gru {
-                    wzh_t: transpose(p(0)?, h, l),
+                    wzh_t: Weights::new(transpose(p(0)?, h, l), l, h),
                     bzh: p(1)?.to_vec(),
-                    whh_t: transpose(p(2)?, 3 * h, h),
+                    whh_t: Weights::new(transpose(p(2)?, 3 * h, h), h, 3 * h),
                     b_r: sum(0),
                     b_u: sum(1),
                     b_in: b_ih[2 * h..].to_vec(),
                     b_hn: b_hh[2 * h..].to_vec(),
-                    wout_t: transpose(p(5)?, l, h),
+                    wout_t: Weights::new(transpose(p(5)?, l, h), h, l),
                     bout: p(6)?.to_vec(),
                 }
             }
@@ -158,7 +158,7 @@ impl Dynamics {
         let (z, out) = (&z[..s * l], &mut out[..s * l]);
         match &self.net {
             Net::Linear { at, a } => {
-                gemm(out, l, MatRef::new(z, s, l), MatRef::new(at, l, l), 1.0, false);
+                gemm_weights(out, l, MatRef::new(z, s, l), at, 1.0, false);
                 add_row(out, a);
             }
             Net::Mlp { w1t, b1, w2t, b2 } => {
@@ -170,12 +170,12 @@ impl Dynamics {
             }
             Net::Gru { wzh_t, bzh, whh_t, b_r, b_u, b_in, b_hn, wout_t, bout } => {
                 let hin = &mut scr.hid;
-                gemm(hin, h, MatRef::new(z, s, l), MatRef::new(wzh_t, l, h), 1.0, false);
+                gemm_weights(hin, h, MatRef::new(z, s, l), wzh_t, 1.0, false);
                 add_row(hin, bzh);
                 let g = &mut scr.gates;
-                gemm(g, 3 * h, MatRef::new(hin, s, h), MatRef::new(whh_t, h, 3 * h), 1.0, false);
+                gemm_weights(g, 3 * h, MatRef::new(hin, s, h), whh_t, 1.0, false);
                 gru_gates(hin, g, b_r, b_u, b_in, b_hn);
-                gemm(out, l, MatRef::new(hin, s, h), MatRef::new(wout_t, h, l), 1.0, false);
+                gemm_weights(out, l, MatRef::new(hin, s, h), wout_t, 1.0, false);
                 add_row(out, bout);
             }
         }
@@ -190,7 +190,7 @@ impl Dynamics {
 
     /// Fixed-step RK4 of dz/dt = g(z) over one bin (time unit: one bin) in `substeps` steps.
     #[allow(clippy::too_many_arguments)]
-    fn rk4(&self, z: &[f32], out: &mut [f32], scr: &mut Scratch, w1t: &[f32], b1: &[f32], w2t: &[f32], b2: &[f32]) {
+    fn rk4(&self, z: &[f32], out: &mut [f32], scr: &mut Scratch, w1t: &Weights, b1: &[f32], w2t: &Weights, b2: &[f32]) {
         let (s, l, h) = (scr.samples, self.latents, self.hidden);
         let dt = 1.0 / self.substeps as f32;
         out.copy_from_slice(z);
@@ -272,15 +272,15 @@ fn mlp_field(
     s: usize,
     l: usize,
     h: usize,
-    w1t: &[f32],
+    w1t: &Weights,
     b1: &[f32],
-    w2t: &[f32],
+    w2t: &Weights,
     b2: &[f32],
     hid: &mut [f32],
 ) {
-    gemm(hid, h, MatRef::new(z, s, l), MatRef::new(w1t, l, h), 1.0, false);
+    gemm_weights(hid, h, MatRef::new(z, s, l), w1t, 1.0, false);
     fast::tanh_bias_rows(hid, b1);
-    gemm(out, l, MatRef::new(hid, s, h), MatRef::new(w2t, h, l), 1.0, false);
+    gemm_weights(out, l, MatRef::new(hid, s, h), w2t, 1.0, false);
     if residual {
         for (orow, zrow) in out.chunks_exact_mut(l).zip(z.chunks_exact(l)) {
             for ((o, zi), bi) in orow.iter_mut().zip(zrow).zip(b2) {
