@@ -130,7 +130,7 @@ const PANEL: usize = 32;
 /// Why: B's rows are n floats apart, and at n = 384 (the GRU's 3H) the 128 rows of one panel
 /// fall into a sixteenth of L1's sets and evict each other; a contiguous panel does not.
 /// Measured on the GRU's 64 x 128 x 384 product: 62 -> 85 GFLOP/s.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Weights {
     k: usize,
     n: usize,
@@ -173,9 +173,10 @@ pub fn gemm_weights(c: &mut [f32], ldc: usize, a: MatRef, b: &Weights, alpha: f3
     assert_eq!(a.cols, k, "inner dimensions differ");
     a.check();
     note(Op::GemmWeights, m, k, n);
-    if m > 0 && n > 0 {
-        assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "C buffer too short");
+    if m == 0 || n == 0 {
+        return;
     }
+    assert!(ldc >= n && (m - 1) * ldc + n <= c.len(), "C buffer too short");
     for j0 in (0..n).step_by(PANEL) {
         let w = (n - j0).min(PANEL);
         let panel = MatRef::new(&b.panels[j0 * k..j0 * k + k * w], k, w);
@@ -305,12 +306,12 @@ mod imp {
 
     const NR: usize = super::PANEL;
 
-    /// Why these tiles (measured on Zen 3, `cargo bench --bench filter_step`): a broadcast
-    /// from memory costs a slot of the FMA pipes there, so a tile should broadcast few A
-    /// values per FMA. A 3 x 32 tile does 12 FMAs per 3 broadcasts (6 x 16: per 6) and was
-    /// 10-20% faster on the filter's shapes. Narrower panels (the last one, or n = r) use
-    /// 4 x 24, 6 x 16 and 8 x 8 tiles: at least 8 accumulators, enough independent FMA
-    /// chains for both pipes, and only the last vector is masked. Every element of C is one FMA chain over k in order,
+    /// Why these tiles (measured on Zen 3, products of a filter step timed old against new):
+    /// a 3 x 32 tile does 12 FMAs per 3 broadcasts of A (6 x 16: per 6) and was 10-20%
+    /// faster on the filter's shapes, so on this core the broadcasts, not the FMAs, seem to
+    /// bound 6 x 16. Narrower panels (the last one, or n = r) use 4 x 24, 6 x 16 and 8 x 8
+    /// tiles: at least 8 accumulators, enough independent FMA chains for both pipes, and
+    /// only the last vector is masked. Every element of C is one FMA chain over k in order,
     /// whatever the tile: the result is the same bit for bit (the GPU kernels rely on it).
     pub unsafe fn gemm(c: *mut f32, ldc: usize, a: MatRef, b: MatRef, alpha: f32, acc: bool) {
         let (m, k, n) = (a.rows, a.cols, b.cols);
@@ -574,7 +575,9 @@ mod tests {
 
     #[test]
     fn products_with_weights_equal_plain_products_bit_for_bit() {
-        for (m, k, n) in [(5usize, 3usize, 1usize), (7, 9, 32), (13, 17, 33), (64, 128, 384), (3, 4, 71), (2, 0, 5)] {
+        for (m, k, n) in
+            [(5usize, 3usize, 1usize), (7, 9, 32), (13, 17, 33), (64, 128, 384), (3, 4, 71), (2, 0, 5), (0, 4, 40)]
+        {
             let (a, b) = (filled(m * k, 10), filled(k * n, 11));
             let w = Weights::new(b.clone(), k, n);
             assert_eq!((&w[..], w.rows(), w.cols()), (&b[..], k, n));
