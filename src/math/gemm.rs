@@ -188,40 +188,42 @@ pub fn gemm_weights(c: &mut [f32], ldc: usize, a: MatRef, b: &Weights, alpha: f3
 pub fn gemv(y: &mut [f32], a: &[f32], rows: usize, cols: usize, x: &[f32], alpha: f32, accumulate: bool) {
     assert!(a.len() >= rows * cols && x.len() >= cols && y.len() >= rows);
     note(Op::Gemv, rows, cols, 1);
-    let mut i = 0;
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if cols >= 16 {
-        // SAFETY: a holds rows x cols, x holds cols and y holds rows (asserted above).
-        while i + 8 <= rows {
-            let d = unsafe { imp::dot8(a.as_ptr().add(i * cols), cols, x.as_ptr()) };
-            for (yi, d) in y[i..i + 8].iter_mut().zip(d) {
-                let d = d * alpha;
-                *yi = if accumulate { *yi + d } else { d };
-            }
-            i += 8;
-        }
-    }
-    if cols < 16 {
-        // Short rows are one FMA chain each (see `dot`): eight rows' chains interleaved, so
-        // their latencies overlap.
-        while i + 8 <= rows {
-            let mut s = [0f32; 8];
-            for (j, xj) in x[..cols].iter().enumerate() {
-                for (r, s) in s.iter_mut().enumerate() {
-                    *s = a[(i + r) * cols + j].mul_add(*xj, *s);
-                }
-            }
-            for (yi, d) in y[i..i + 8].iter_mut().zip(s) {
-                let d = d * alpha;
-                *yi = if accumulate { *yi + d } else { d };
-            }
-            i += 8;
-        }
-    }
-    for (i, yi) in y[..rows].iter_mut().enumerate().skip(i) {
-        let d = dot(&a[i * cols..(i + 1) * cols], &x[..cols]) * alpha;
+    let x = &x[..cols];
+    let put = |yi: &mut f32, d: f32| {
+        let d = d * alpha;
         *yi = if accumulate { *yi + d } else { d };
+    };
+    let whole = rows / 8 * 8;
+    for (i, y8) in y[..whole].chunks_exact_mut(8).enumerate() {
+        let d = dot8(&a[8 * i * cols..8 * (i + 1) * cols], cols, x);
+        y8.iter_mut().zip(d).for_each(|(yi, d)| put(yi, d));
     }
+    for (i, yi) in y[..rows].iter_mut().enumerate().skip(whole) {
+        put(yi, dot(&a[i * cols..(i + 1) * cols], x));
+    }
+}
+
+/// `dot` of each of 8 consecutive rows (`a` is 8 x cols) with `x`, bit for bit, computed
+/// together so that the rows' FMA chains overlap.
+fn dot8(a: &[f32], cols: usize, x: &[f32]) -> [f32; 8] {
+    assert!(a.len() == 8 * cols && x.len() == cols);
+    if cols < 16 {
+        // Short rows are one FMA chain each (see `dot`): eight chains interleaved.
+        let mut s = [0f32; 8];
+        for (j, xj) in x.iter().enumerate() {
+            for (r, s) in s.iter_mut().enumerate() {
+                *s = a[r * cols + j].mul_add(*xj, *s);
+            }
+        }
+        return s;
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    // SAFETY: a holds 8 rows of cols and x holds cols (asserted above).
+    unsafe {
+        imp::dot8(a.as_ptr(), cols, x.as_ptr())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    std::array::from_fn(|r| dot(&a[r * cols..(r + 1) * cols], x))
 }
 
 /// `y = alpha * A^T x + (accumulate ? y : 0)` with A row-major (`rows x cols`): a sum of
