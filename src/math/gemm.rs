@@ -353,7 +353,7 @@ mod imp {
     /// All rows of one panel in tiles of H rows. The last tile may have fewer live rows: it
     /// reads its last live row again in place of the missing ones and stores only the live
     /// ones, so that each tile shape is compiled once (the kernel stays small enough for
-    /// the instruction caches; one instance per remainder made it 100 KB).
+    /// the instruction caches; one instance per remainder made it 106 KB).
     #[inline(always)]
     unsafe fn rows<const H: usize, const NV: usize, const AFIRST: bool, const MASKED: bool>(
         p: &Panel,
