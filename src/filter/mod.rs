@@ -171,12 +171,14 @@ impl Filter {
 
     /// The prediction for the next bin. It does not depend on the bin's data, so a real-time
     /// loop runs it right after publishing, off the critical path; `update` calls it if needed.
+    /// It also draws the update's noise w_s, which does not depend on the bin either.
     pub fn predict(&mut self) {
         if self.predicted {
             return;
         }
         let (s, l, t) = (self.s, self.l, self.step);
         let model = &*self.model;
+        self.noise.fill_rows(t, Purpose::Update, &mut self.v, self.r);
         // e_s = M w1_s + sqrt(Q) w2_s; at the start M = 0 and Q is Q0.
         self.noise.fill_rows(t, Purpose::PredictDiag, &mut self.e, l);
         if self.from_prior {
@@ -323,8 +325,8 @@ impl Filter {
             }
         }
 
-        // Exact posterior draws: z_s = m_f + e_s - P_p K A^-1 (K^T e_s + w_s).
-        self.noise.fill_rows(self.step, Purpose::Update, &mut self.v, r);
+        // Exact posterior draws: z_s = m_f + e_s - P_p K A^-1 (K^T e_s + w_s), w_s drawn in
+        // `predict`.
         gemm(&mut self.v, r, MatRef::new(&self.e, s, l), kref, 1.0, true);
         gemm(&mut self.xs, r, MatRef::new(&self.v, s, r), MatRef::new(&self.ainv, r, r), 1.0, false);
         gemm(&mut self.e, l, MatRef::new(&self.xs, s, r), MatRef::new(&self.ktpp, r, l), -1.0, true);
