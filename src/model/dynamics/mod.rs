@@ -1,7 +1,8 @@
 //! The latent dynamics f, evaluated on all S samples at once (ALGORITHM.md section 2).
 //!
 //! Weights are stored in files in PyTorch's (out x in) layout and kept here transposed
-//! (in x out), so that samples-as-rows times weights is a plain row-major product.
+//! (in x out), so that samples-as-rows times weights is a plain row-major product, and also
+//! packed into the GEMM's column panels (`math::gemm::Weights`), which the products read.
 
 mod grad;
 
