@@ -145,7 +145,7 @@ impl Weights {
         let mut panels = Vec::with_capacity(k * n);
         for j0 in (0..n).step_by(PANEL) {
             let w = (n - j0).min(PANEL);
-            for row in rows.chunks_exact(n.max(1)) {
+            for row in rows.chunks_exact(n) {
                 panels.extend_from_slice(&row[j0..j0 + w]);
             }
         }
