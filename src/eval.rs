@@ -11,13 +11,17 @@
 //!   to the lag-1 smoothed means of the previous bin (Sedler et al.);
 //! - `bins_per_second`: bins decoded per second of filter-step time (metrics excluded).
 
+use crate::any_model::{AnyModel, DecoderOptions};
 use crate::data::npz::{write_arrays, Dtype, NpyArray};
 use crate::data::{Array2, Dataset};
-use crate::decoder::{AnyModel, Decoder, DecoderOptions};
+use crate::decoder::Decoder;
 use crate::error::{Error, Result};
 use crate::filter::Filter;
 use crate::metrics;
 use crate::model::Readout;
+use crate::pipeline::source::{BinSlot, Counters};
+use crate::pipeline::step::{Outcome, Step};
+use crate::wire::output::FLAG_PREDICT_ONLY;
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -123,29 +127,46 @@ pub fn evaluate(model: &AnyModel, data: &Dataset, opts: DecoderOptions) -> Resul
     };
     // Rates need the filter's draws, so a Poisson XFADS model is driven as a Filter.
     let mut filter = poisson.as_ref().map(|m| Filter::new(m.clone(), opts.filter));
-    let mut dec: Option<Box<dyn Decoder>> = filter.is_none().then(|| model.decoder(opts));
+    let mut other: Option<Box<dyn Decoder>> = filter.is_none().then(|| model.decoder(opts));
     let (mut z, mut tmp, zero) = (vec![0.0; l], vec![0.0; n], vec![0.0; l]);
     let (mut step_secs, mut predict_only, mut kl_sum) = (0.0f64, 0usize, 0.0f64);
-    let trial_start = data.trial_start_mask();
-    for (t, &new_trial) in trial_start.iter().enumerate() {
-        let y = data.spikes.row(t);
-        if t > 0 && new_trial {
-            if let Some(f) = filter.as_mut() {
+    // The bins go through the per-bin step `run` uses: bin t is sequence number t, and the
+    // first bin of each trial is a restart (the decoder starts over from its prior).
+    let mut step = Step::new(u64::MAX);
+    let counters = Counters::default();
+    let mut slot = BinSlot::new(n, 0);
+    for (t, &new_trial) in data.trial_start_mask().iter().enumerate() {
+        slot.seq = t as u64;
+        slot.restart = new_trial;
+        slot.counts.copy_from_slice(data.spikes.row(t));
+        if let (Some(f), Some(m)) = (filter.as_mut(), poisson.as_ref()) {
+            // The one-step-ahead predictive rates, from the prediction the step will use (a
+            // trial's first bin predicts from the prior).
+            if t > 0 && new_trial {
                 f.reset();
-            } else if let Some(d) = dec.as_mut() {
-                d.reset();
             }
-        }
-        let info = if let (Some(f), Some(m)) = (filter.as_mut(), poisson.as_ref()) {
             let start = Instant::now();
             f.predict();
             step_secs += start.elapsed().as_secs_f64();
             let draws = f.predictive_draws().expect("predicted");
             let mp = f.predicted_mean().to_vec();
             mean_rate(&m.readout, draws, &mp, l, &mut z, &mut tmp, out.predictive_rates.as_mut().unwrap().row_mut(t));
-            let start = Instant::now();
-            let info = f.step(Some(y));
-            step_secs += start.elapsed().as_secs_f64();
+        }
+        let dec: &mut dyn Decoder = match (filter.as_mut(), other.as_mut()) {
+            (Some(f), _) => f,
+            (None, Some(d)) => &mut **d,
+            (None, None) => unreachable!("a filter or another decoder"),
+        };
+        let start = Instant::now();
+        let outcome = step.apply(dec, &slot, 0, &counters);
+        step_secs += start.elapsed().as_secs_f64();
+        let Outcome::Decoded(h) = outcome else { unreachable!("bin {t} is the next sequence number") };
+        out.behavior.row_mut(t).copy_from_slice(dec.behavior());
+        out.means.row_mut(t).copy_from_slice(dec.mean());
+        out.lag1.row_mut(t).copy_from_slice(dec.lag1_mean());
+        predict_only += (h.flags & FLAG_PREDICT_ONLY != 0) as usize;
+        kl_sum += h.kl as f64;
+        if let (Some(f), Some(m)) = (filter.as_ref(), poisson.as_ref()) {
             mean_rate(
                 &m.readout,
                 f.sample_matrix(),
@@ -155,20 +176,7 @@ pub fn evaluate(model: &AnyModel, data: &Dataset, opts: DecoderOptions) -> Resul
                 &mut tmp,
                 out.rates.as_mut().unwrap().row_mut(t),
             );
-            info.map(|i| (i, f.behavior().to_vec(), f.mean().to_vec(), f.lag1_mean().to_vec()))
-        } else {
-            let dec = dec.as_mut().expect("a decoder when not a filter");
-            let start = Instant::now();
-            let info = dec.step(Some(y));
-            step_secs += start.elapsed().as_secs_f64();
-            info.map(|i| (i, dec.behavior().to_vec(), dec.mean().to_vec(), dec.lag1_mean().to_vec()))
-        };
-        let (info, b, m, lag) = info.map_err(|e| Error::Invalid(format!("bin {t}: {e}")))?;
-        out.behavior.row_mut(t).copy_from_slice(&b);
-        out.means.row_mut(t).copy_from_slice(&m);
-        out.lag1.row_mut(t).copy_from_slice(&lag);
-        predict_only += info.predict_only as usize;
-        kl_sum += info.kl as f64;
+        }
     }
 
     let lag = model.behavior_lag();

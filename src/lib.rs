@@ -4,12 +4,13 @@
 //!
 //! - [`filter`]: the causal XFADS filter step (where a bin is decoded);
 //! - [`kalman`]: the classic Kalman-filter BCI decoder;
-//! - [`decoder`]: the per-bin interface both implement;
+//! - [`decoder`]: the per-bin interface both implement; [`any_model`]: load a file, build its decoder;
 //! - [`model`]: model files and the compiled models;
 //! - [`fit`]: least squares, the Kalman fit, training;
 //! - [`sim`]: synthetic rigs; [`data`]: .npz sessions; [`metrics`]: accuracy measures;
 //! - [`math`]: the allocation-free numerical kernels.
 
+pub mod any_model;
 pub mod config;
 pub mod data;
 pub mod decoder;

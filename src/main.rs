@@ -2,9 +2,9 @@
 //! files, mismatched channel counts, bad configs) prints one clear line and exits with 2.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use latentloop::any_model::{AnyModel, DecoderOptions};
 use latentloop::config::RigConfig;
 use latentloop::data::Dataset;
-use latentloop::decoder::{AnyModel, DecoderOptions};
 use latentloop::error::{Error, Result};
 use latentloop::eval::evaluate;
 use latentloop::filter::FilterOptions;

@@ -1,7 +1,7 @@
 //! Every shipped rig config loads and validates (paths, bin widths, model channels).
 
+use latentloop::any_model::AnyModel;
 use latentloop::config::RigConfig;
-use latentloop::decoder::AnyModel;
 
 #[test]
 fn every_shipped_rig_config_is_valid() {

@@ -2,8 +2,9 @@
 //! modes against a dense f64 Kalman filter + one-step RTS smoother, the model file, and the
 //! allocation-free per-bin path.
 
+use latentloop::any_model::{AnyModel, DecoderOptions};
 use latentloop::data::{Array2, Dataset};
-use latentloop::decoder::{AnyModel, BinError, Decoder, DecoderOptions};
+use latentloop::decoder::{BinError, Decoder};
 use latentloop::eval::evaluate;
 use latentloop::fit::kalman::{fit, fit_dataset, KalmanFitOptions};
 use latentloop::kalman::{KalmanFilter, KalmanMode, KalmanModel, KalmanParams, SteadyOptions};

@@ -2,7 +2,7 @@
 
 mod common;
 
-use latentloop::decoder::AnyModel;
+use latentloop::any_model::AnyModel;
 use latentloop::filter::{Filter, FilterOptions};
 use latentloop::model::{build, Card, DynamicsKind, ModelFile, ReadoutKind, Tensor, UpdateKind, XfadsModel};
 use std::process::Command;

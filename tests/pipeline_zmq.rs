@@ -597,6 +597,11 @@ fn stream(first_seq: u64, rows: std::ops::Range<usize>) -> Vec<Value> {
         .collect()
 }
 
+/// The f32 values the wire carried (JSON's decimal digits parse to within an f64 ulp of them).
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
 /// Asserts |a - b| <= tol * max(1, |b|) elementwise.
 fn assert_close(a: &[f64], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
@@ -619,8 +624,9 @@ fn assert_accounted(outs: &[Out], what: &str) {
 // (a) Good bins
 
 /// Every bin is answered exactly once, in order, with clear flags, and the decoded values
-/// are those of `latentloop eval` on the same bins (same model, samples and seed: the
-/// filter's noise is a deterministic function of the seed and the bin index).
+/// are those of `latentloop eval` on the same bins, bit for bit (same model, samples and
+/// seed: the filter's noise is a deterministic function of the seed and the bin index, and
+/// both drive the same per-bin step, src/pipeline/step.rs).
 #[test]
 fn every_bin_is_answered_once_and_decoded_like_eval() {
     let Some(rig) = Rig::new("eval", ModelKind::Xfads(4)) else { return };
@@ -664,9 +670,9 @@ fn every_bin_is_answered_once_and_decoded_like_eval() {
         a.data[t * c..(t + 1) * c].to_vec()
     };
     for (t, o) in outs.iter().enumerate() {
-        assert_close(&o.behavior, &row("behavior", t), 1e-5, &format!("behaviour of bin {t}"));
-        assert_close(&o.latent, &row("latents", t), 1e-5, &format!("latent of bin {t}"));
-        assert_close(&o.lag1, &row("lag1", t), 1e-5, &format!("lag-1 mean of bin {t}"));
+        assert_eq!(f32s(&o.behavior), f32s(&row("behavior", t)), "behaviour of bin {t}");
+        assert_eq!(f32s(&o.latent), f32s(&row("latents", t)), "latent of bin {t}");
+        assert_eq!(f32s(&o.lag1), f32s(&row("lag1", t)), "lag-1 mean of bin {t}");
     }
     // One clock: sent (stamped just before the send) <= received <= published <= received back.
     let sent = res["sent"].as_array().unwrap();

@@ -17,10 +17,11 @@
 //! bin is due, then spins (`Decode::wait`).
 
 use super::clock::monotonic_ns;
-use super::source::{BinSlot, Counters, SlotKind};
+use super::source::{BinSlot, Counters};
 use super::stats::{TimingRecord, MAX_BEHAVIOR};
+use super::step::{is_restart, Outcome, Step};
 use crate::decoder::Decoder;
-use crate::wire::output::{self, OutputHeader};
+use crate::wire::output;
 use ringbuf::traits::{Consumer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,15 +41,14 @@ pub struct Decode {
     pub bin_ns: u64,
     /// A bin received longer ago than this is skipped when a newer one is waiting.
     pub stale_ns: u64,
-    pub max_gap: u64,
+    /// The per-bin step (sequence checks, decoder step, output header).
+    pub step: Step,
     pub core: Option<usize>,
     pub realtime: Option<i32>,
     /// Told whether the thread's set-up (real-time priority) worked, before the first bin.
     pub ready: crossbeam_channel::Sender<Result<(), String>>,
 }
 
-/// A sequence number this far below the last one is a restarted publisher, not a late bin.
-const REORDER_WINDOW: u64 = 64;
 /// Start spinning at least this long before a bin is due: a timed park wakes up late.
 const MIN_LEAD_NS: u64 = 250_000;
 /// Added to the lateness a park showed when the lead grows to cover it.
@@ -60,12 +60,6 @@ const LEAD_MARGIN_NS: u64 = 50_000;
 /// 1,800 us late, so a fixed lead left the decoder asleep when most 20 ms bins came.)
 fn next_lead(lead: u64, late: u64, bin_ns: u64) -> u64 {
     (lead - lead / 64).max(late + LEAD_MARGIN_NS).clamp(MIN_LEAD_NS, (bin_ns / 4).max(MIN_LEAD_NS))
-}
-
-/// Whether `slot` starts a new stream after `last` (the last sequence number decoded or
-/// kept): the publisher said so, or the sequence jumped back by more than the window.
-fn is_restart(slot: &BinSlot, last: Option<u64>) -> bool {
-    slot.restart || matches!(last, Some(l) if slot.seq + REORDER_WINDOW < l)
 }
 
 /// What [`catch_up`] did with the bins it did not keep.
@@ -166,7 +160,6 @@ impl Decode {
         }
         let (d, l) = (self.decoder.behavior_dims(), self.decoder.latents());
         let mut msg = vec![0u8; output::len(d, l)];
-        let mut last_seq: Option<u64> = None;
         let mut expected_ns: Option<u64> = None;
         let mut lead = MIN_LEAD_NS;
         let c = self.counters.clone();
@@ -178,87 +171,19 @@ impl Decode {
             let now = monotonic_ns();
             let stale_ns = self.stale_ns;
             let is_stale = |b: &BinSlot| now.saturating_sub(b.recv_ns) > stale_ns;
-            let caught = catch_up(&mut slot, &mut self.ring, &mut self.free, last_seq, is_stale);
-            let skipped = caught.skipped;
+            let caught = catch_up(&mut slot, &mut self.ring, &mut self.free, self.step.last_seq(), is_stale);
             Counters::add(&c.out_of_order, caught.stale);
             let pop_ns = monotonic_ns();
 
-            let mut flags = 0u16;
-            let mut dropped_before = 0u64;
-            if is_restart(&slot, last_seq) || last_seq.is_none() {
-                if last_seq.is_some() {
-                    self.decoder.reset();
-                    flags |= output::FLAG_RESTART | output::FLAG_RESET;
-                    Counters::add(&c.restarts, 1);
-                    Counters::add(&c.resets, 1);
-                }
-                // Bins skipped before the first bin of a (re)started stream are reported, not
-                // predicted through: the decoder starts from its prior at this one.
-                if skipped > 0 {
-                    flags |= output::FLAG_GAP;
-                    dropped_before = skipped;
-                    Counters::add(&c.skipped, skipped);
-                }
-            } else if let Some(l) = last_seq {
-                if slot.seq <= l {
-                    Counters::add(&c.out_of_order, 1);
+            let header = match self.step.apply(&mut *self.decoder, &slot, caught.skipped, &c) {
+                Outcome::Decoded(h) => h,
+                Outcome::OutOfOrder => {
                     let _ = self.free.try_push(slot);
                     continue;
                 }
-                let gap = slot.seq - l - 1;
-                if gap > 0 {
-                    flags |= output::FLAG_GAP;
-                    dropped_before = gap;
-                    Counters::add(&c.skipped, skipped.min(gap));
-                    Counters::add(&c.missing, gap.saturating_sub(skipped));
-                    if gap > self.max_gap {
-                        self.decoder.reset();
-                        flags |= output::FLAG_RESET;
-                        Counters::add(&c.resets, 1);
-                    } else {
-                        for _ in 0..gap {
-                            let _ = self.decoder.step(None);
-                        }
-                    }
-                }
-            }
-
-            let obs = match slot.kind {
-                SlotKind::Data => Some(&slot.counts[..]),
-                SlotKind::NoData => None,
-                SlotKind::Rejected => {
-                    flags |= output::FLAG_REJECTED;
-                    None
-                }
-            };
-            let info = self.decoder.step(obs).or_else(|_| {
-                flags |= output::FLAG_REJECTED;
-                self.decoder.step(None)
-            });
-            let kl = match info {
-                Ok(i) => {
-                    if i.predict_only {
-                        flags |= output::FLAG_PREDICT_ONLY;
-                    }
-                    if i.reset {
-                        flags |= output::FLAG_RESET;
-                        Counters::add(&c.resets, 1);
-                    }
-                    i.kl
-                }
-                Err(_) => 0.0, // unreachable: a step without data cannot be refused
             };
             let step_ns = monotonic_ns();
 
-            let header = OutputHeader {
-                flags,
-                dropped_before: dropped_before.min(u32::MAX as u64) as u32,
-                seq: slot.seq,
-                source_ts: slot.source_ts,
-                recv_ns: slot.recv_ns,
-                publish_ns: 0,
-                kl,
-            };
             output::encode(&header, self.decoder.behavior(), self.decoder.mean(), self.decoder.lag1_mean(), &mut msg);
             output::set_publish_ns(&mut msg, monotonic_ns());
             if self.out.send(&msg[..], zmq::DONTWAIT).is_err() {
@@ -268,7 +193,7 @@ impl Decode {
 
             let mut rec = TimingRecord {
                 seq: slot.seq,
-                flags,
+                flags: header.flags,
                 recv_ns: slot.recv_ns,
                 push_ns: slot.push_ns,
                 pop_ns,
@@ -288,11 +213,6 @@ impl Decode {
             if self.stats.try_push(rec).is_err() {
                 Counters::add(&c.stats_dropped, 1);
             }
-            Counters::add(&c.decoded, 1);
-            if flags & output::FLAG_PREDICT_ONLY != 0 {
-                Counters::add(&c.predict_only, 1);
-            }
-            last_seq = Some(slot.seq);
             expected_ns = Some(slot.recv_ns + self.bin_ns);
             let _ = self.free.try_push(slot);
         }

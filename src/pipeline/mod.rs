@@ -16,10 +16,11 @@ pub mod decode;
 pub mod jitter;
 pub mod source;
 pub mod stats;
+pub mod step;
 
+use crate::any_model::{AnyModel, DecoderOptions};
 use crate::config::{RigConfig, SourceKind};
 use crate::data::{Array2, Dataset};
-use crate::decoder::{AnyModel, DecoderOptions};
 use crate::error::{Error, Result};
 use crate::filter::FilterOptions;
 use crate::fit::kalman::{fit_dataset, KalmanFitOptions};
@@ -348,7 +349,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         spin: Duration::from_micros(cfg.pipeline.spin_us),
         bin_ns: (cfg.bin_seconds() * 1e9) as u64,
         stale_ns: (cfg.pipeline.stale_ms.unwrap_or(2.0 * cfg.bin_seconds() * 1e3) * 1e6) as u64,
-        max_gap: cfg.pipeline.max_predict_gap,
+        step: step::Step::new(cfg.pipeline.max_predict_gap),
         core: cfg.pipeline.decode_core,
         realtime: cfg.pipeline.realtime_priority,
         ready: ready_tx,

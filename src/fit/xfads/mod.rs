@@ -19,8 +19,8 @@
 pub mod graph;
 pub mod ops;
 
+use crate::any_model::{AnyModel, DecoderOptions};
 use crate::data::{Array2, Dataset};
-use crate::decoder::{AnyModel, DecoderOptions};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalOutputs, EvalReport};
 use crate::filter::{Filter, FilterOptions};
