@@ -2,9 +2,12 @@
 //! built from kernels/*.cu plus kernels/emu/ (tests/gpu_emulated.rs builds it with the
 //! system C++ compiler). Device pointers are plain host pointers into buffers owned here.
 
-use super::batch::{Exec, Launch, A};
+use super::batch::GpuBatch;
+use super::exec::{Exec, Launch, A};
+use crate::model::XfadsModel;
 use cudarc::driver::sys::CUdeviceptr;
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 type LaunchFn =
@@ -143,5 +146,24 @@ impl Exec for Emulator {
         // SAFETY: `find` checked the range.
         unsafe { std::ptr::copy_nonoverlapping(p as *const f32, dst.as_mut_ptr(), dst.len()) };
         Ok(())
+    }
+}
+
+impl GpuBatch {
+    /// The same batch with the kernels compiled as C++ and run on the CPU (a cooperative
+    /// thread-per-fiber emulation of blocks, `kernels/emu/`), built by tests/gpu_emulated.rs:
+    /// checks the kernels' arithmetic and indexing on machines without a GPU. `reverse` runs
+    /// each block's threads in reverse order between barriers, which exposes a missing
+    /// `__syncthreads`. Slow; for tests only.
+    #[doc(hidden)]
+    pub fn emulated(
+        lib: &std::path::Path,
+        model: Arc<XfadsModel>,
+        samples: Option<usize>,
+        seeds: &[u64],
+        reverse: bool,
+    ) -> Result<GpuBatch, String> {
+        let models = vec![model; seeds.len()];
+        Self::build(Box::new(Emulator::open(lib, reverse)?), &models, true, samples, seeds)
     }
 }

@@ -19,12 +19,20 @@
 //! a device inside a panic guard; [`select_backend`] turns the answer into a choice.
 
 mod batch;
+mod cuda_exec;
 mod emu;
+mod exec;
 mod filter;
 pub mod kernels;
+mod plan;
+mod runtime;
 mod weights;
 
-pub use batch::{GpuBatch, Profile, OUT_HEADER};
+pub use batch::GpuBatch;
+pub use exec::Profile;
+
+/// Floats before the mean in each decoder's output row: [status, kl, 0, 0].
+pub const OUT_HEADER: usize = 4;
 pub use filter::GpuFilter;
 
 use std::sync::OnceLock;
