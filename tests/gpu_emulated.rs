@@ -18,32 +18,12 @@ use latentloop::filter::{Filter, FilterOptions};
 use latentloop::gpu::{kernels, GpuBatch, GpuFilter};
 use latentloop::model::build::{Size, MC_MAZE, SMALL, STANDARD};
 use latentloop::model::{DynamicsKind, UpdateKind, XfadsModel};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-/// Counts this thread's heap allocations (tests run in parallel threads).
-struct Counting;
-thread_local! {
-    static ALLOCS: Cell<usize> = const { Cell::new(0) };
-}
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
 
 fn emulator() -> Option<PathBuf> {
     static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -203,7 +183,7 @@ fn emulated_gpu_steps_allocate_nothing() {
         let data = common::comparison_bins(m.channels(), 20, update == UpdateKind::Gaussian, 13);
         let bad = vec![f32::NAN; m.channels()];
         let _ = Decoder::step(&mut f, data[0].as_deref()); // first use of the emulator's own buffers
-        let before = ALLOCS.with(|c| c.get());
+        let before = alloc_count::on_this_thread();
         for (t, y) in data.iter().enumerate() {
             if t % 7 == 5 {
                 assert!(Decoder::step(&mut f, Some(&bad)).is_err());
@@ -212,7 +192,7 @@ fn emulated_gpu_steps_allocate_nothing() {
                 Decoder::step(&mut f, y.as_deref()).unwrap();
             }
         }
-        let n = ALLOCS.with(|c| c.get()) - before;
+        let n = alloc_count::on_this_thread() - before;
         assert_eq!(n, 0, "{dynamics} / {update}: {n} allocations in 20 steps");
     }
 }

@@ -11,35 +11,10 @@ use latentloop::kalman::{KalmanFilter, KalmanMode, KalmanModel, KalmanParams, St
 use latentloop::math::philox::{Normals, Purpose};
 use latentloop::model::{ModelFile, Tensor};
 use nalgebra::{DMatrix, DVector};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 
-// ---- allocation counting (this test binary only) ----
-
-struct Counting;
-thread_local! {
-    static ALLOCS: Cell<usize> = const { Cell::new(0) };
-}
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, size: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        System.realloc(p, l, size)
-    }
-}
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn allocations() -> usize {
-    ALLOCS.with(|c| c.get())
-}
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
 
 // ---- the simulated system ----
 
@@ -502,10 +477,8 @@ fn decoder_contract_and_no_allocation_per_bin() {
         assert!(matches!(dec.step(Some(&bad)).unwrap_err(), BinError::NonFinite { channel: 4, .. }));
         assert_eq!((dec.mean().to_vec(), dec.lag1_mean().to_vec()), before);
 
-        let probe = allocations();
-        std::hint::black_box(vec![0u8; 16]);
-        assert!(allocations() > probe, "the allocation counter counts");
-        let start = allocations();
+        alloc_count::assert_counter_counts();
+        let start = alloc_count::on_this_thread();
         for t in 50..300 {
             if t % 3 == 0 {
                 dec.predict();
@@ -516,7 +489,7 @@ fn decoder_contract_and_no_allocation_per_bin() {
         }
         dec.reset();
         dec.step(Some(y.row(0))).unwrap();
-        let used = allocations() - start;
+        let used = alloc_count::on_this_thread() - start;
         assert_eq!(used, 0, "{mode:?}: {used} heap allocations in 251 bins");
 
         // A bin that overflows the update resets to the prior instead of publishing inf.

@@ -9,46 +9,14 @@ use latentloop::pipeline::source::openephys::{
     data_message, spike_message, ttl_message, Binner, Frames, Mode, OpenEphysSource, Settings,
 };
 use latentloop::pipeline::source::{BinSlot, Counters, Next, RejectLog, Source};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-// ---- allocation counting (only on a thread that asks for it) ----
-
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn counting() -> bool {
-    COUNTING.try_with(|c| c.get()).unwrap_or(false)
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if counting() {
-            ALLOCS.fetch_add(1, Ordering::SeqCst);
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if counting() {
-            ALLOCS.fetch_add(1, Ordering::SeqCst);
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
 
 // ---- helpers ----
 
@@ -219,7 +187,7 @@ fn source_counts_equal_the_injected_spikes() {
     let (cont_bins, cont) = a.join().unwrap();
     let (spike_bins, spikes) = b.join().unwrap();
     while let Ok(m) = rx.try_recv() {
-        eprintln!("rejected: {m}");
+        eprintln!("{m}");
     }
     let t = truth(&truth_path);
     assert!(t.spikes.len() > 200, "the fake injected {} spikes", t.spikes.len());
@@ -424,13 +392,11 @@ fn the_per_message_path_allocates_nothing() {
         for m in &msgs[..6 * 12] {
             handle(&mut b, m);
         }
-        COUNTING.with(|c| c.set(true));
-        let before = ALLOCS.load(Ordering::SeqCst);
-        for m in &msgs[6 * 12..] {
-            handle(&mut b, m);
-        }
-        let n = ALLOCS.load(Ordering::SeqCst) - before;
-        COUNTING.with(|c| c.set(false));
+        let ((), n) = alloc_count::counted(|| {
+            for m in &msgs[6 * 12..] {
+                handle(&mut b, m);
+            }
+        });
         assert!(bins > 50, "{mode:?}: {bins} bins");
         assert_eq!(b.stats().lost_messages, 1);
         assert_eq!(n, 0, "{mode:?}: {n} allocations after the warm-up");

@@ -7,39 +7,16 @@ use latentloop::data::{Array2, Dataset};
 use latentloop::sim::{poisson, simulate, SimConfig, SimRig, System, Uniforms};
 use latentloop::Error;
 use nalgebra::DMatrix;
-use std::alloc::{GlobalAlloc, Layout, System as SysAlloc};
-use std::cell::Cell;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------------
 // Allocation counting (for "next_bin allocates nothing"), per thread so parallel tests do
-// not disturb each other. A const thread-local Cell has no destructor, so using it inside
-// the allocator cannot recurse.
+// not disturb each other.
 
-struct Counting;
-thread_local! {
-    static ALLOCS: Cell<usize> = const { Cell::new(0) };
-}
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        unsafe { SysAlloc.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { SysAlloc.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.with(|c| c.set(c.get() + 1));
-        unsafe { SysAlloc.realloc(ptr, layout, new_size) }
-    }
-}
-#[global_allocator]
-static COUNTING: Counting = Counting;
-
-fn allocations() -> usize {
-    ALLOCS.with(|c| c.get())
-}
+#[path = "common/alloc_count.rs"]
+mod alloc_count;
+use alloc_count::on_this_thread as allocations;
 
 // ---------------------------------------------------------------------------------------
 // Helpers

@@ -86,6 +86,8 @@ impl CudaExec {
             unsafe { lb.launch(cfg) }.map_err(|e| format!("launch of {name}: {e:?}"))?;
             mark(j + 2)?;
         }
+        // SAFETY: as for the H2D copy: the pinned output buffer (out_len floats, owned here)
+        // outlives the stream's use of it, and `dout` holds out_len floats.
         unsafe {
             let dst = std::slice::from_raw_parts_mut(self.out_ptr, self.out_len);
             result::memcpy_dtoh_async(dst, dout, stream.cu_stream()).map_err(derr("D2H copy"))?;
@@ -129,6 +131,8 @@ impl Exec for CudaExec {
         // The bins: write-combined (the CPU only writes them); the outputs: cached (it reads them).
         // SAFETY: the contents are set by the caller before any use.
         let mut input = unsafe { self.rt.ctx.alloc_pinned::<u32>(in_len.max(1)) }.map_err(derr("pinned allocation"))?;
+        // SAFETY: as above.
+        // SAFETY: as above.
         let mut output = unsafe { self.rt.ctx.alloc_pinned_with_flags::<f32>(out_len.max(1), 0) }
             .map_err(derr("pinned allocation"))?;
         self.in_ptr = input.as_mut_ptr().map_err(derr("pinned buffer"))?;

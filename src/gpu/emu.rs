@@ -136,6 +136,7 @@ impl Exec for Emulator {
                 return Err(format!("emulated kernel {name:?} failed ({rc})"));
             }
         }
+        // SAFETY: as for the input copy above.
         unsafe {
             std::ptr::copy_nonoverlapping(self.dout as *const f32, self.host_out.as_mut_ptr(), self.host_out.len());
         }

@@ -152,13 +152,16 @@ pub fn compile(src: &str, name: &str, arch: &str) -> Result<Compiled, String> {
             result::create_program(&csrc, Some(&cname)).map_err(|e| format!("{name}: nvrtcCreateProgram: {e:?}"))?;
         // SAFETY: `prog` was just created and is destroyed once, below.
         let compiled = unsafe { result::compile_program(prog, &opts) };
+        // SAFETY: as above; `prog` is alive until destroyed below.
         let log = unsafe { result::get_program_log(prog) }.map(|l| cstr_vec(&l)).unwrap_or_default();
         let out = match compiled {
+            // SAFETY: as above.
             Ok(()) => unsafe { result::get_ptx(prog) }
                 .map(|p| Compiled { ptx: cstr_vec(&p), log: log.trim().to_string() })
                 .map_err(|e| format!("{name}: nvrtcGetPTX: {e:?}")),
             Err(e) => Err(format!("{name} ({arch}) does not compile: {e:?}\noptions: {opts:?}\n{log}")),
         };
+        // SAFETY: destroyed once; nothing uses `prog` after this.
         let _ = unsafe { result::destroy_program(prog) };
         out
     };

@@ -87,6 +87,7 @@ fn probe() -> Result<DeviceInfo, String> {
         // SAFETY: `dev` came from cuDeviceGet.
         let major = unsafe { result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }
             .map_err(|e| format!("device attribute: {e:?}"))?;
+        // SAFETY: as above.
         let minor = unsafe { result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) }
             .map_err(|e| format!("device attribute: {e:?}"))?;
         let mut driver_version = 0i32;

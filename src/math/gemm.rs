@@ -315,26 +315,36 @@ mod imp {
     /// tiles: at least 8 accumulators, enough independent FMA chains for both pipes, and
     /// only the last vector is masked. Every element of C is one FMA chain over k in order,
     /// whatever the tile: the result is the same bit for bit (the GPU kernels rely on it).
+    ///
+    /// # Safety
+    ///
+    /// `c` must be valid for reads and writes of `a.rows` rows of `b.cols` floats at row stride
+    /// `ldc`, and `a`, `b` must be views whose strides stay inside their data (`super::gemm`
+    /// checks all of it before calling).
     pub unsafe fn gemm(c: *mut f32, ldc: usize, a: MatRef, b: MatRef, alpha: f32, acc: bool) {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
-        // Column panels outermost: the k x 32 panel of B stays in L1 while all of A streams by.
-        let mut j0 = 0;
-        while j0 < n {
-            let w = (n - j0).min(NR);
-            let p = Panel { k, a: ap, rsa: a.rs, csa: a.cs, b: bp.add(j0), ldb: b.rs, tail: w - 8 * ((w - 1) / 8) };
-            let cj = c.add(j0);
-            match (w.div_ceil(8), p.tail == 8) {
-                (4, true) => rows::<3, 4, true, false>(&p, m, cj, ldc, alpha, acc),
-                (4, false) => rows::<3, 4, true, true>(&p, m, cj, ldc, alpha, acc),
-                (3, true) => rows::<4, 3, false, false>(&p, m, cj, ldc, alpha, acc),
-                (3, false) => rows::<4, 3, false, true>(&p, m, cj, ldc, alpha, acc),
-                (2, true) => rows::<6, 2, false, false>(&p, m, cj, ldc, alpha, acc),
-                (2, false) => rows::<6, 2, false, true>(&p, m, cj, ldc, alpha, acc),
-                (_, true) => rows::<8, 1, false, false>(&p, m, cj, ldc, alpha, acc),
-                (_, false) => rows::<8, 1, false, true>(&p, m, cj, ldc, alpha, acc),
+        // SAFETY: the caller's contract: every A, B and C index the panels, tiles and tails
+        // touch lies inside the views and C (see `# Safety`); AVX2 and FMA are compiled in.
+        unsafe {
+            let (m, k, n) = (a.rows, a.cols, b.cols);
+            let (ap, bp) = (a.data.as_ptr(), b.data.as_ptr());
+            // Column panels outermost: the k x 32 panel of B stays in L1 while all of A streams by.
+            let mut j0 = 0;
+            while j0 < n {
+                let w = (n - j0).min(NR);
+                let p = Panel { k, a: ap, rsa: a.rs, csa: a.cs, b: bp.add(j0), ldb: b.rs, tail: w - 8 * ((w - 1) / 8) };
+                let cj = c.add(j0);
+                match (w.div_ceil(8), p.tail == 8) {
+                    (4, true) => rows::<3, 4, true, false>(&p, m, cj, ldc, alpha, acc),
+                    (4, false) => rows::<3, 4, true, true>(&p, m, cj, ldc, alpha, acc),
+                    (3, true) => rows::<4, 3, false, false>(&p, m, cj, ldc, alpha, acc),
+                    (3, false) => rows::<4, 3, false, true>(&p, m, cj, ldc, alpha, acc),
+                    (2, true) => rows::<6, 2, false, false>(&p, m, cj, ldc, alpha, acc),
+                    (2, false) => rows::<6, 2, false, true>(&p, m, cj, ldc, alpha, acc),
+                    (_, true) => rows::<8, 1, false, false>(&p, m, cj, ldc, alpha, acc),
+                    (_, false) => rows::<8, 1, false, true>(&p, m, cj, ldc, alpha, acc),
+                }
+                j0 += NR;
             }
-            j0 += NR;
         }
     }
 
@@ -354,6 +364,11 @@ mod imp {
     /// reads its last live row again in place of the missing ones and stores only the live
     /// ones, so that each tile shape is compiled once (the kernel stays small enough for
     /// the instruction caches; one instance per remainder made it 106 KB).
+    ///
+    /// # Safety
+    ///
+    /// `p` must describe A and B panels that are readable for `m` rows of A and `p.k` rows
+    /// of B, and `c` must be writable for `m` rows of the panel's width at stride `ldc`.
     #[inline(always)]
     unsafe fn rows<const H: usize, const NV: usize, const AFIRST: bool, const MASKED: bool>(
         p: &Panel,
@@ -363,11 +378,14 @@ mod imp {
         alpha: f32,
         acc: bool,
     ) {
-        let mut i0 = 0;
-        while i0 < m {
-            let live = (m - i0).min(H);
-            tile::<H, NV, AFIRST, MASKED>(p, p.a.add(i0 * p.rsa), live, c.add(i0 * ldc), ldc, alpha, acc);
-            i0 += H;
+        // SAFETY: `gemm` passes panels and a C column offset inside the checked views.
+        unsafe {
+            let mut i0 = 0;
+            while i0 < m {
+                let live = (m - i0).min(H);
+                tile::<H, NV, AFIRST, MASKED>(p, p.a.add(i0 * p.rsa), live, c.add(i0 * ldc), ldc, alpha, acc);
+                i0 += H;
+            }
         }
     }
 
@@ -375,37 +393,50 @@ mod imp {
     /// arithmetic exactly that of `dot`: lane l of a row's register is its partial sum l,
     /// and the same pairwise adds (l + l+4, then neighbours, then halves) are done for 8
     /// rows at once by 128-bit adds and horizontal adds, instead of one row at a time.
+    ///
+    /// # Safety
+    ///
+    /// `a` must be readable for 8 rows of `cols` floats, contiguous, and `x` for `cols` floats.
     #[inline]
     pub unsafe fn dot8(a: *const f32, cols: usize, x: *const f32) -> [f32; 8] {
-        let chunks = cols / 8;
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for c in 0..chunks {
-            let xv = _mm256_loadu_ps(x.add(8 * c));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(r * cols + 8 * c)), xv, *acc);
+        // SAFETY: the caller's contract covers every load below (8 rows of cols, x of cols).
+        unsafe {
+            let chunks = cols / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for c in 0..chunks {
+                let xv = _mm256_loadu_ps(x.add(8 * c));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(r * cols + 8 * c)), xv, *acc);
+                }
             }
-        }
-        // t_r = (p0 + p4, p1 + p5, p2 + p6, p3 + p7) of row r.
-        let t: [__m128; 8] =
-            std::array::from_fn(|r| _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r])));
-        // ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)) for rows 0-3 and 4-7.
-        let lo = _mm_hadd_ps(_mm_hadd_ps(t[0], t[1]), _mm_hadd_ps(t[2], t[3]));
-        let hi = _mm_hadd_ps(_mm_hadd_ps(t[4], t[5]), _mm_hadd_ps(t[6], t[7]));
-        let mut s = [0f32; 8];
-        _mm_storeu_ps(s.as_mut_ptr(), lo);
-        _mm_storeu_ps(s.as_mut_ptr().add(4), hi);
-        for (r, s) in s.iter_mut().enumerate() {
-            for j in 8 * chunks..cols {
-                *s = (*a.add(r * cols + j)).mul_add(*x.add(j), *s);
+            // t_r = (p0 + p4, p1 + p5, p2 + p6, p3 + p7) of row r.
+            let t: [__m128; 8] =
+                std::array::from_fn(|r| _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r])));
+            // ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)) for rows 0-3 and 4-7.
+            let lo = _mm_hadd_ps(_mm_hadd_ps(t[0], t[1]), _mm_hadd_ps(t[2], t[3]));
+            let hi = _mm_hadd_ps(_mm_hadd_ps(t[4], t[5]), _mm_hadd_ps(t[6], t[7]));
+            let mut s = [0f32; 8];
+            _mm_storeu_ps(s.as_mut_ptr(), lo);
+            _mm_storeu_ps(s.as_mut_ptr().add(4), hi);
+            for (r, s) in s.iter_mut().enumerate() {
+                for j in 8 * chunks..cols {
+                    *s = (*a.add(r * cols + j)).mul_add(*x.add(j), *s);
+                }
             }
+            s
         }
-        s
     }
 
+    /// # Safety
+    ///
+    /// AVX2 must be available (it is compiled in wherever this module is).
     #[inline(always)]
     unsafe fn lane_mask(live: usize) -> __m256i {
-        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), idx)
+        // SAFETY: register-only intrinsics; AVX2 is compiled in.
+        unsafe {
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), idx)
+        }
     }
 
     /// One `H x 8 NV` tile of C: H * NV accumulators live in registers for the whole k loop.
@@ -413,6 +444,11 @@ mod imp {
     /// register (for NV = 4: 3 + 12 + 1 registers); otherwise B's NV vectors are loaded first
     /// and A's values stream. Either way no accumulator spills out of the 16 registers.
     // Indexed loops over the register arrays: both indices address acc, B and A at once.
+    /// # Safety
+    ///
+    /// `a` must be readable for `live` rows (stride `p.rsa`) over `p.k` columns (stride
+    /// `p.csa`), B's panel for `p.k` rows of `8 NV` floats (the last vector masked to `p.tail`
+    /// lanes when MASKED), and `c` writable for `live` rows of the panel at stride `ldc`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile<const H: usize, const NV: usize, const AFIRST: bool, const MASKED: bool>(
@@ -424,55 +460,59 @@ mod imp {
         alpha: f32,
         accumulate: bool,
     ) {
-        let mask = lane_mask(p.tail);
-        let last_masked = |v: usize| MASKED && v == NV - 1;
-        let load_b = |bp: *const f32, v: usize| {
-            if last_masked(v) {
-                _mm256_maskload_ps(bp.add(8 * v), mask)
-            } else {
-                _mm256_loadu_ps(bp.add(8 * v))
-            }
-        };
-        let row: [usize; H] = std::array::from_fn(|r| r.min(live - 1) * p.rsa);
-        let mut acc = [[_mm256_setzero_ps(); NV]; H];
-        let (mut ap, mut bp) = (a, p.b);
-        for _ in 0..p.k {
-            if AFIRST {
-                let av: [__m256; H] = std::array::from_fn(|r| _mm256_broadcast_ss(&*ap.add(row[r])));
-                for v in 0..NV {
-                    let bv = load_b(bp, v);
-                    for r in 0..H {
-                        acc[r][v] = _mm256_fmadd_ps(av[r], bv, acc[r][v]);
-                    }
-                }
-            } else {
-                let bv: [__m256; NV] = std::array::from_fn(|v| load_b(bp, v));
-                for (r, off) in row.iter().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ap.add(*off));
-                    for v in 0..NV {
-                        acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
-                    }
-                }
-            }
-            bp = bp.add(p.ldb);
-            ap = ap.add(p.csa);
-        }
-        let al = _mm256_set1_ps(alpha);
-        for r in 0..live {
-            let cr = c.add(r * ldc);
-            for v in 0..NV {
-                let cv = cr.add(8 * v);
-                let mut x = _mm256_mul_ps(acc[r][v], al);
+        // SAFETY: the caller's contract; rows past `live` re-read the last live row, and
+        // only live rows are stored.
+        unsafe {
+            let mask = lane_mask(p.tail);
+            let last_masked = |v: usize| MASKED && v == NV - 1;
+            let load_b = |bp: *const f32, v: usize| {
                 if last_masked(v) {
-                    if accumulate {
-                        x = _mm256_add_ps(x, _mm256_maskload_ps(cv, mask));
-                    }
-                    _mm256_maskstore_ps(cv, mask, x);
+                    _mm256_maskload_ps(bp.add(8 * v), mask)
                 } else {
-                    if accumulate {
-                        x = _mm256_add_ps(x, _mm256_loadu_ps(cv));
+                    _mm256_loadu_ps(bp.add(8 * v))
+                }
+            };
+            let row: [usize; H] = std::array::from_fn(|r| r.min(live - 1) * p.rsa);
+            let mut acc = [[_mm256_setzero_ps(); NV]; H];
+            let (mut ap, mut bp) = (a, p.b);
+            for _ in 0..p.k {
+                if AFIRST {
+                    let av: [__m256; H] = std::array::from_fn(|r| _mm256_broadcast_ss(&*ap.add(row[r])));
+                    for v in 0..NV {
+                        let bv = load_b(bp, v);
+                        for r in 0..H {
+                            acc[r][v] = _mm256_fmadd_ps(av[r], bv, acc[r][v]);
+                        }
                     }
-                    _mm256_storeu_ps(cv, x);
+                } else {
+                    let bv: [__m256; NV] = std::array::from_fn(|v| load_b(bp, v));
+                    for (r, off) in row.iter().enumerate() {
+                        let av = _mm256_broadcast_ss(&*ap.add(*off));
+                        for v in 0..NV {
+                            acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                        }
+                    }
+                }
+                bp = bp.add(p.ldb);
+                ap = ap.add(p.csa);
+            }
+            let al = _mm256_set1_ps(alpha);
+            for r in 0..live {
+                let cr = c.add(r * ldc);
+                for v in 0..NV {
+                    let cv = cr.add(8 * v);
+                    let mut x = _mm256_mul_ps(acc[r][v], al);
+                    if last_masked(v) {
+                        if accumulate {
+                            x = _mm256_add_ps(x, _mm256_maskload_ps(cv, mask));
+                        }
+                        _mm256_maskstore_ps(cv, mask, x);
+                    } else {
+                        if accumulate {
+                            x = _mm256_add_ps(x, _mm256_loadu_ps(cv));
+                        }
+                        _mm256_storeu_ps(cv, x);
+                    }
                 }
             }
         }
@@ -489,22 +529,29 @@ use portable as imp;
 mod portable {
     use super::MatRef;
 
+    /// # Safety
+    ///
+    /// As the AVX2 kernel's: `c` valid for `a.rows` rows of `b.cols` floats at stride `ldc`,
+    /// and views whose strides stay inside their data.
     pub unsafe fn gemm(c: *mut f32, ldc: usize, a: MatRef, b: MatRef, alpha: f32, acc: bool) {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        const W: usize = 64;
-        for i in 0..m {
-            let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
-            for (j0, cj) in (0..n).step_by(W).zip(ci.chunks_mut(W)) {
-                let mut s = [0f32; W];
-                let s = &mut s[..cj.len()];
-                for p in 0..k {
-                    let aip = a.data[i * a.rs + p * a.cs];
-                    let bp = &b.data[p * b.rs + j0..p * b.rs + j0 + s.len()];
-                    s.iter_mut().zip(bp).for_each(|(sj, bj)| *sj = aip.mul_add(*bj, *sj));
-                }
-                for (c, s) in cj.iter_mut().zip(s.iter()) {
-                    let v = s * alpha;
-                    *c = if acc { v + *c } else { v };
+        // SAFETY: the caller's contract (see `# Safety`) covers every C row sliced below.
+        unsafe {
+            let (m, k, n) = (a.rows, a.cols, b.cols);
+            const W: usize = 64;
+            for i in 0..m {
+                let ci = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+                for (j0, cj) in (0..n).step_by(W).zip(ci.chunks_mut(W)) {
+                    let mut s = [0f32; W];
+                    let s = &mut s[..cj.len()];
+                    for p in 0..k {
+                        let aip = a.data[i * a.rs + p * a.cs];
+                        let bp = &b.data[p * b.rs + j0..p * b.rs + j0 + s.len()];
+                        s.iter_mut().zip(bp).for_each(|(sj, bj)| *sj = aip.mul_add(*bj, *sj));
+                    }
+                    for (c, s) in cj.iter_mut().zip(s.iter()) {
+                        let v = s * alpha;
+                        *c = if acc { v + *c } else { v };
+                    }
                 }
             }
         }

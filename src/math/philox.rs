@@ -106,9 +106,14 @@ impl Normals {
         self.fill_any::<false>(step, purpose, first, out, cols)
     }
 
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512 F, VL and DQ (`super::has_avx512()`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx512dq")]
     unsafe fn fill_avx512(&self, step: u64, purpose: Purpose, first: u32, out: &mut [f32], cols: usize) {
+        // `fill_any::<true>` reaches the AVX-512 kernel only through this function, whose
+        // caller checked the CPU's features.
         self.fill_any::<true>(step, purpose, first, out, cols)
     }
 
@@ -222,73 +227,99 @@ mod wide {
     /// `super::uniform` in one FMA: f 2^-24 + 2^-25 rounded once equals (f + 0.5) rounded,
     /// then scaled by 2^-24 exactly (a power of two, no subnormals), for every f < 2^24
     /// (test `uniform_as_one_fma_is_exact`).
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512 F (called only from `normals_block`).
     #[inline(always)]
     unsafe fn uniform(x: __m512i) -> __m512 {
-        let f = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(x));
-        _mm512_fmadd_ps(f, _mm512_set1_ps(1.0 / 16_777_216.0), _mm512_set1_ps(0.5 / 16_777_216.0))
+        // SAFETY: register-only intrinsics, inside `normals_block`'s AVX-512 features.
+        unsafe {
+            let f = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(x));
+            _mm512_fmadd_ps(f, _mm512_set1_ps(1.0 / 16_777_216.0), _mm512_set1_ps(0.5 / 16_777_216.0))
+        }
     }
 
     /// sqrt(-2 ln u), `fast::ln` lane by lane.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512 F and DQ (called only from `normals_block`).
     #[inline(always)]
     unsafe fn radius(u: __m512) -> __m512 {
-        let bits = _mm512_castps_si512(u);
-        let e = _mm512_sub_epi32(
-            _mm512_and_si512(_mm512_srli_epi32::<23>(bits), _mm512_set1_epi32(0xff)),
-            _mm512_set1_epi32(127),
-        );
-        let m = _mm512_castsi512_ps(_mm512_or_si512(
-            _mm512_and_si512(bits, _mm512_set1_epi32(0x007f_ffff)),
-            _mm512_set1_epi32(0x3f80_0000),
-        ));
-        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
-        let m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
-        let e = _mm512_mask_add_epi32(e, big, e, _mm512_set1_epi32(1));
-        let one = _mm512_set1_ps(1.0);
-        let s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
-        let s2 = _mm512_mul_ps(s, s);
-        let mut p = _mm512_set1_ps(1.0 / 9.0);
-        p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 7.0));
-        p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 5.0));
-        p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 3.0));
-        p = _mm512_fmadd_ps(p, s2, one);
-        let two_s_p = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0), s), p);
-        let ln = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(LN2), two_s_p);
-        _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln))
+        // SAFETY: register-only intrinsics, inside `normals_block`'s AVX-512 features.
+        unsafe {
+            let bits = _mm512_castps_si512(u);
+            let e = _mm512_sub_epi32(
+                _mm512_and_si512(_mm512_srli_epi32::<23>(bits), _mm512_set1_epi32(0xff)),
+                _mm512_set1_epi32(127),
+            );
+            let m = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_and_si512(bits, _mm512_set1_epi32(0x007f_ffff)),
+                _mm512_set1_epi32(0x3f80_0000),
+            ));
+            let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+            let m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+            let e = _mm512_mask_add_epi32(e, big, e, _mm512_set1_epi32(1));
+            let one = _mm512_set1_ps(1.0);
+            let s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+            let s2 = _mm512_mul_ps(s, s);
+            let mut p = _mm512_set1_ps(1.0 / 9.0);
+            p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 7.0));
+            p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 5.0));
+            p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0 / 3.0));
+            p = _mm512_fmadd_ps(p, s2, one);
+            let two_s_p = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0), s), p);
+            let ln = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(LN2), two_s_p);
+            _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0), ln))
+        }
     }
 
     /// (cos 2 pi u, sin 2 pi u), `fast::sincos_2pi` lane by lane.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512 F and DQ (called only from `normals_block`).
     #[inline(always)]
     unsafe fn sincos(u: __m512) -> (__m512, __m512) {
-        const FLOOR: i32 = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-        let qf =
-            _mm512_roundscale_ps::<FLOOR>(_mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(4.0), u), _mm512_set1_ps(0.5)));
-        let x = _mm512_mul_ps(
-            _mm512_sub_ps(u, _mm512_mul_ps(_mm512_set1_ps(0.25), qf)),
-            _mm512_set1_ps(std::f32::consts::TAU),
-        );
-        let x2 = _mm512_mul_ps(x, x);
-        let mut s = _mm512_set1_ps(1.0 / 362_880.0);
-        s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.0 / 5040.0));
-        s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(1.0 / 120.0));
-        s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.0 / 6.0));
-        s = _mm512_fmadd_ps(_mm512_mul_ps(s, x2), x, x);
-        let mut c = _mm512_set1_ps(-1.0 / 3_628_800.0);
-        c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0 / 40320.0));
-        c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(-1.0 / 720.0));
-        c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0 / 24.0));
-        c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(-0.5));
-        c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0));
-        // The quadrant q = qf mod 4 as an integer (qf is a small whole number): odd q swaps
-        // cos and sin, q in {1, 2} negates the cosine, q in {2, 3} the sine.
-        let q = _mm512_cvttps_epi32(qf);
-        let bit = |v: __m512i, b: i32| _mm512_test_epi32_mask(v, _mm512_set1_epi32(b));
-        let swap = bit(q, 1);
-        let (cs, sn) = (_mm512_mask_blend_ps(swap, c, s), _mm512_mask_blend_ps(swap, s, c));
-        let sign = _mm512_set1_ps(-0.0);
-        let neg = |v: __m512, k: __mmask16| _mm512_mask_xor_ps(v, k, v, sign);
-        (neg(cs, bit(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 2)), neg(sn, bit(q, 2)))
+        // SAFETY: register-only intrinsics, inside `normals_block`'s AVX-512 features.
+        unsafe {
+            const FLOOR: i32 = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+            let qf = _mm512_roundscale_ps::<FLOOR>(_mm512_add_ps(
+                _mm512_mul_ps(_mm512_set1_ps(4.0), u),
+                _mm512_set1_ps(0.5),
+            ));
+            let x = _mm512_mul_ps(
+                _mm512_sub_ps(u, _mm512_mul_ps(_mm512_set1_ps(0.25), qf)),
+                _mm512_set1_ps(std::f32::consts::TAU),
+            );
+            let x2 = _mm512_mul_ps(x, x);
+            let mut s = _mm512_set1_ps(1.0 / 362_880.0);
+            s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.0 / 5040.0));
+            s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(1.0 / 120.0));
+            s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.0 / 6.0));
+            s = _mm512_fmadd_ps(_mm512_mul_ps(s, x2), x, x);
+            let mut c = _mm512_set1_ps(-1.0 / 3_628_800.0);
+            c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0 / 40320.0));
+            c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(-1.0 / 720.0));
+            c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0 / 24.0));
+            c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(-0.5));
+            c = _mm512_fmadd_ps(c, x2, _mm512_set1_ps(1.0));
+            // The quadrant q = qf mod 4 as an integer (qf is a small whole number): odd q swaps
+            // cos and sin, q in {1, 2} negates the cosine, q in {2, 3} the sine.
+            let q = _mm512_cvttps_epi32(qf);
+            let bit = |v: __m512i, b: i32| _mm512_test_epi32_mask(v, _mm512_set1_epi32(b));
+            let swap = bit(q, 1);
+            let (cs, sn) = (_mm512_mask_blend_ps(swap, c, s), _mm512_mask_blend_ps(swap, s, c));
+            let sign = _mm512_set1_ps(-0.0);
+            let neg = |v: __m512, k: __mmask16| _mm512_mask_xor_ps(v, k, v, sign);
+            (neg(cs, bit(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 2)), neg(sn, bit(q, 2)))
+        }
     }
 
+    /// # Safety
+    ///
+    /// The CPU must have AVX-512 F, VL and DQ.
     #[inline]
     #[target_feature(enable = "avx512f,avx512vl,avx512dq")]
     pub(super) unsafe fn normals_block(
@@ -299,61 +330,66 @@ mod wide {
         key: [u32; 2],
         out: &mut [f32; 4 * LANES],
     ) {
-        // Each 32-bit word lives in the low half of a 64-bit lane (8 lanes per register,
-        // HALVES registers): one multiply gives the product's high word (>> 32) and its low
-        // word in place. The high halves of the lanes fill with junk that no multiply reads
-        // (it takes the low halves only) and XOR never moves down. The HALVES independent
-        // chains are interleaved so the multiplies' latency overlaps.
-        const HALVES: usize = LANES / 8;
-        let half = |v: &[u32; LANES], h: usize| _mm512_cvtepu32_epi64(_mm256_loadu_si256(v.as_ptr().add(8 * h).cast()));
-        let mut x0: [__m512i; HALVES] = std::array::from_fn(|h| half(c0, h));
-        let mut x1: [__m512i; HALVES] = std::array::from_fn(|h| half(c1, h));
-        let mut x2 = [_mm512_set1_epi64(c2 as i64); HALVES];
-        let mut x3 = [_mm512_set1_epi64(c3 as i64); HALVES];
-        let (m0, m1) = (_mm512_set1_epi64(M0 as i64), _mm512_set1_epi64(M1 as i64));
-        let (mut k0, mut k1) = (key[0], key[1]);
-        for round in 0..10 {
-            if round > 0 {
-                k0 = k0.wrapping_add(W0);
-                k1 = k1.wrapping_add(W1);
+        // SAFETY: the caller checked the features; the loads and stores are of the
+        // fixed-size arrays passed in (LANES counters in, 4 LANES normals out).
+        unsafe {
+            // Each 32-bit word lives in the low half of a 64-bit lane (8 lanes per register,
+            // HALVES registers): one multiply gives the product's high word (>> 32) and its low
+            // word in place. The high halves of the lanes fill with junk that no multiply reads
+            // (it takes the low halves only) and XOR never moves down. The HALVES independent
+            // chains are interleaved so the multiplies' latency overlaps.
+            const HALVES: usize = LANES / 8;
+            let half =
+                |v: &[u32; LANES], h: usize| _mm512_cvtepu32_epi64(_mm256_loadu_si256(v.as_ptr().add(8 * h).cast()));
+            let mut x0: [__m512i; HALVES] = std::array::from_fn(|h| half(c0, h));
+            let mut x1: [__m512i; HALVES] = std::array::from_fn(|h| half(c1, h));
+            let mut x2 = [_mm512_set1_epi64(c2 as i64); HALVES];
+            let mut x3 = [_mm512_set1_epi64(c3 as i64); HALVES];
+            let (m0, m1) = (_mm512_set1_epi64(M0 as i64), _mm512_set1_epi64(M1 as i64));
+            let (mut k0, mut k1) = (key[0], key[1]);
+            for round in 0..10 {
+                if round > 0 {
+                    k0 = k0.wrapping_add(W0);
+                    k1 = k1.wrapping_add(W1);
+                }
+                let (kv0, kv1) = (_mm512_set1_epi64(k0 as i64), _mm512_set1_epi64(k1 as i64));
+                for h in 0..HALVES {
+                    let p0 = _mm512_mul_epu32(x0[h], m0);
+                    let p1 = _mm512_mul_epu32(x2[h], m1);
+                    // 0x96: a ^ b ^ c.
+                    x0[h] = _mm512_ternarylogic_epi64::<0x96>(_mm512_srli_epi64::<32>(p1), x1[h], kv0);
+                    x2[h] = _mm512_ternarylogic_epi64::<0x96>(_mm512_srli_epi64::<32>(p0), x3[h], kv1);
+                    x1[h] = p1;
+                    x3[h] = p0;
+                }
             }
-            let (kv0, kv1) = (_mm512_set1_epi64(k0 as i64), _mm512_set1_epi64(k1 as i64));
-            for h in 0..HALVES {
-                let p0 = _mm512_mul_epu32(x0[h], m0);
-                let p1 = _mm512_mul_epu32(x2[h], m1);
-                // 0x96: a ^ b ^ c.
-                x0[h] = _mm512_ternarylogic_epi64::<0x96>(_mm512_srli_epi64::<32>(p1), x1[h], kv0);
-                x2[h] = _mm512_ternarylogic_epi64::<0x96>(_mm512_srli_epi64::<32>(p0), x3[h], kv1);
-                x1[h] = p1;
-                x3[h] = p0;
+            // Back to 16 words per register: the even (low) 32-bit halves of two registers.
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            for g in 0..HALVES / 2 {
+                let word = |x: &[__m512i; HALVES]| _mm512_permutex2var_epi32(x[2 * g], even, x[2 * g + 1]);
+                let (ra, rb) = (radius(uniform(word(&x0))), radius(uniform(word(&x2))));
+                let ((ca, sa), (cb, sb)) = (sincos(uniform(word(&x1))), sincos(uniform(word(&x3))));
+                let (a, b, c, d) =
+                    (_mm512_mul_ps(ra, ca), _mm512_mul_ps(ra, sa), _mm512_mul_ps(rb, cb), _mm512_mul_ps(rb, sb));
+                // Block l's normals (a_l, b_l, c_l, d_l) go to out[4l..4l+4]: a 4 x 16 transpose.
+                let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+                let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+                let pd = _mm512_castps_pd;
+                let ps = _mm512_castpd_ps;
+                let u0 = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+                let u1 = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+                let u2 = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+                let u3 = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+                let v0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u0, u1);
+                let v1 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u2, u3);
+                let v2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u0, u1);
+                let v3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u2, u3);
+                let o = out.as_mut_ptr().add(64 * g);
+                _mm512_storeu_ps(o, _mm512_shuffle_f32x4::<0b10_00_10_00>(v0, v1));
+                _mm512_storeu_ps(o.add(16), _mm512_shuffle_f32x4::<0b11_01_11_01>(v0, v1));
+                _mm512_storeu_ps(o.add(32), _mm512_shuffle_f32x4::<0b10_00_10_00>(v2, v3));
+                _mm512_storeu_ps(o.add(48), _mm512_shuffle_f32x4::<0b11_01_11_01>(v2, v3));
             }
-        }
-        // Back to 16 words per register: the even (low) 32-bit halves of two registers.
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        for g in 0..HALVES / 2 {
-            let word = |x: &[__m512i; HALVES]| _mm512_permutex2var_epi32(x[2 * g], even, x[2 * g + 1]);
-            let (ra, rb) = (radius(uniform(word(&x0))), radius(uniform(word(&x2))));
-            let ((ca, sa), (cb, sb)) = (sincos(uniform(word(&x1))), sincos(uniform(word(&x3))));
-            let (a, b, c, d) =
-                (_mm512_mul_ps(ra, ca), _mm512_mul_ps(ra, sa), _mm512_mul_ps(rb, cb), _mm512_mul_ps(rb, sb));
-            // Block l's normals (a_l, b_l, c_l, d_l) go to out[4l..4l+4]: a 4 x 16 transpose.
-            let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-            let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-            let pd = _mm512_castps_pd;
-            let ps = _mm512_castpd_ps;
-            let u0 = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
-            let u1 = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
-            let u2 = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
-            let u3 = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
-            let v0 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u0, u1);
-            let v1 = _mm512_shuffle_f32x4::<0b01_00_01_00>(u2, u3);
-            let v2 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u0, u1);
-            let v3 = _mm512_shuffle_f32x4::<0b11_10_11_10>(u2, u3);
-            let o = out.as_mut_ptr().add(64 * g);
-            _mm512_storeu_ps(o, _mm512_shuffle_f32x4::<0b10_00_10_00>(v0, v1));
-            _mm512_storeu_ps(o.add(16), _mm512_shuffle_f32x4::<0b11_01_11_01>(v0, v1));
-            _mm512_storeu_ps(o.add(32), _mm512_shuffle_f32x4::<0b10_00_10_00>(v2, v3));
-            _mm512_storeu_ps(o.add(48), _mm512_shuffle_f32x4::<0b11_01_11_01>(v2, v3));
         }
     }
 }

@@ -60,11 +60,14 @@ impl Acquire {
                     } else if let Some(t) = self.consumer.get() {
                         t.unpark();
                     }
+                    // From the first bin handed over on, this loop is the live per-bin path.
+                    super::hot_path::set(true);
                 }
                 Next::Idle => held = Some(slot),
                 Next::End => break,
             }
         }
+        super::hot_path::set(false);
         self.source
     }
 }

@@ -62,6 +62,14 @@ fn next_lead(lead: u64, late: u64, bin_ns: u64) -> u64 {
     (lead - lead / 64).max(late + LEAD_MARGIN_NS).clamp(MIN_LEAD_NS, (bin_ns / 4).max(MIN_LEAD_NS))
 }
 
+/// Returns a slot to the acquisition thread. The return ring has room for every slot there
+/// is, so this cannot fail; if it ever did, the slot would be freed here, on the decode
+/// thread, which the debug assertion catches.
+fn give_back(free: &mut impl Producer<Item = BinSlot>, slot: BinSlot) {
+    let returned = free.try_push(slot);
+    debug_assert!(returned.is_ok(), "the return ring holds every slot");
+}
+
 /// What [`catch_up`] did with the bins it did not keep.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct CaughtUp {
@@ -99,10 +107,10 @@ fn catch_up(
             } else {
                 done.skipped += 1;
             }
-            let _ = free.try_push(old);
+            give_back(free, old);
         } else {
             done.stale += 1;
-            let _ = free.try_push(newer);
+            give_back(free, newer);
         }
     }
     done
@@ -178,7 +186,7 @@ impl Decode {
             let header = match self.step.apply(&mut *self.decoder, &slot, caught.skipped, &c) {
                 Outcome::Decoded(h) => h,
                 Outcome::OutOfOrder => {
-                    let _ = self.free.try_push(slot);
+                    give_back(&mut self.free, slot);
                     continue;
                 }
             };
@@ -214,8 +222,11 @@ impl Decode {
                 Counters::add(&c.stats_dropped, 1);
             }
             expected_ns = Some(slot.recv_ns + self.bin_ns);
-            let _ = self.free.try_push(slot);
+            give_back(&mut self.free, slot);
+            // From the second bin on, the whole loop is the live per-bin path.
+            super::hot_path::set(true);
         }
+        super::hot_path::set(false);
         self.decoder
     }
 }

@@ -13,6 +13,7 @@
 pub mod acquire;
 pub mod clock;
 pub mod decode;
+pub mod hot_path;
 pub mod jitter;
 pub mod source;
 pub mod stats;
@@ -29,7 +30,7 @@ use crate::sim::{SimConfig, System};
 use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use serde::Serialize;
-use source::{BinSlot, Counters, RejectLog, SlotKind, Source};
+use source::{BinSlot, Counters, LogLine, RejectLog, SlotKind, Source};
 use stats::{StageSummary, Stats, TimingRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -242,7 +243,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Invalid(format!("signal handler: {e}")))?;
     }
     let counters = Arc::new(Counters::default());
-    let (log_tx, log_rx) = crossbeam_channel::bounded::<String>(64);
+    let (log_tx, log_rx) = crossbeam_channel::bounded::<LogLine>(64);
     let log = RejectLog::new(log_tx);
     let ctx = zmq::Context::new();
     let source = build_source(cfg, &ctx, behavior_dims, &counters, &log)?;
@@ -380,8 +381,8 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         while let Some(r) = stats_cons.try_pop() {
             st.record(&r);
         }
-        while let Ok(m) = log_rx.try_recv() {
-            status.suspend(|| eprintln!("rejected: {m}"));
+        while let Ok(line) = log_rx.try_recv() {
+            status.suspend(|| eprintln!("{line}"));
         }
         if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| started.elapsed() >= d) {
             break;

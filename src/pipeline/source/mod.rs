@@ -111,11 +111,100 @@ impl Counters {
     }
 }
 
+/// A short message formatted without the heap (the acquisition thread's reasons and
+/// warnings): at most [`FixedText::CAPACITY`] bytes, longer ones cut at a character boundary and
+/// marked with "...".
+#[derive(Clone, Copy)]
+pub struct FixedText {
+    len: u16,
+    /// Something did not fit: "..." ends the text and nothing more is taken.
+    cut: bool,
+    buf: [u8; FixedText::CAPACITY],
+}
+
+impl FixedText {
+    pub const CAPACITY: usize = 240;
+
+    pub fn new() -> Self {
+        FixedText { len: 0, cut: false, buf: [0; FixedText::CAPACITY] }
+    }
+    pub fn as_str(&self) -> &str {
+        // Only whole characters are ever copied in (`write_str`).
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or("")
+    }
+    pub fn clear(&mut self) {
+        (self.len, self.cut) = (0, false);
+    }
+}
+
+impl Default for FixedText {
+    fn default() -> Self {
+        FixedText::new()
+    }
+}
+
+impl std::fmt::Write for FixedText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        const MORE: &str = "...";
+        if self.cut {
+            return Ok(());
+        }
+        let at = self.len as usize;
+        let room = FixedText::CAPACITY - MORE.len() - at;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[at..at + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take as u16;
+        if take < s.len() {
+            let at = self.len as usize;
+            self.buf[at..at + MORE.len()].copy_from_slice(MORE.as_bytes());
+            self.len += MORE.len() as u16;
+            self.cut = true;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for FixedText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for FixedText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// A line for the terminal from the acquisition thread.
+#[derive(Clone, Copy, Debug)]
+pub enum LogLine {
+    /// A refused message and why.
+    Rejected(FixedText),
+    /// Something the operator should know (printed once per kind by the source).
+    Warning(FixedText),
+}
+
+impl std::fmt::Display for LogLine {
+    /// As the terminal shows it: `rejected: ...` or `warning: ...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogLine::Rejected(t) => write!(f, "rejected: {t}"),
+            LogLine::Warning(t) => write!(f, "warning: {t}"),
+        }
+    }
+}
+
 /// Reports refused messages: every one is counted, the first few are logged with their
-/// reason (on the stats thread, which owns the terminal).
+/// reason, and warnings are passed on; the main thread, which owns the terminal, prints them.
+/// Nothing here allocates: reasons are formatted into a [`FixedText`] and travel through a
+/// bounded channel of plain data (full: the line is dropped, the count stays).
 #[derive(Clone)]
 pub struct RejectLog {
-    tx: crossbeam_channel::Sender<String>,
+    tx: crossbeam_channel::Sender<LogLine>,
     logged: std::sync::Arc<AtomicU64>,
 }
 
@@ -123,13 +212,42 @@ pub struct RejectLog {
 const LOGGED_REJECTS: u64 = 20;
 
 impl RejectLog {
-    pub fn new(tx: crossbeam_channel::Sender<String>) -> Self {
+    pub fn new(tx: crossbeam_channel::Sender<LogLine>) -> Self {
         RejectLog { tx, logged: Default::default() }
     }
-    pub fn reject(&self, counters: &Counters, reason: impl FnOnce() -> String) {
+    /// Counts a refused message and returns its reason (for the bin's record); the first
+    /// few are also sent to the terminal.
+    pub fn reject(&self, counters: &Counters, reason: impl FnOnce(&mut FixedText) -> std::fmt::Result) -> FixedText {
         Counters::add(&counters.rejected, 1);
+        let mut text = FixedText::new();
+        let _ = reason(&mut text);
         if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_REJECTS {
-            let _ = self.tx.try_send(reason());
+            let _ = self.tx.try_send(LogLine::Rejected(text));
         }
+        text
+    }
+    pub fn warn(&self, what: impl FnOnce(&mut FixedText) -> std::fmt::Result) {
+        let mut text = FixedText::new();
+        let _ = what(&mut text);
+        let _ = self.tx.try_send(LogLine::Warning(text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fmt::Write;
+
+    #[test]
+    fn text_keeps_what_fits_and_marks_the_cut() {
+        let mut t = FixedText::new();
+        let why = "bad";
+        write!(t, "bin seq {} refused: {why}", 7).unwrap();
+        assert_eq!(t.as_str(), "bin seq 7 refused: bad");
+        let mut long = FixedText::new();
+        write!(long, "{}", "é".repeat(200)).unwrap();
+        write!(long, "more").unwrap();
+        assert!(long.as_str().ends_with("...") && long.as_str().len() <= FixedText::CAPACITY, "{long}");
+        assert!(long.as_str().starts_with("éé"));
     }
 }

@@ -31,12 +31,13 @@
 //! preallocated rings (a ring of bins being filled and a queue of finished bins that
 //! [`Source::next`] hands out one per call).
 
-use super::{BinSlot, Counters, Next, RejectLog, SlotKind, Source};
+use super::{BinSlot, Counters, FixedText, Next, RejectLog, SlotKind, Source};
 use crate::config::OpenEphysConfig;
 use crate::pipeline::clock::monotonic_ns;
 use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -503,10 +504,13 @@ pub struct OpenEphysStats {
 struct Once(u64);
 
 impl Once {
-    fn warn(&mut self, bit: u32, msg: impl FnOnce() -> String) {
+    fn warn(&mut self, log: &RejectLog, bit: u32, msg: impl FnOnce(&mut FixedText) -> std::fmt::Result) {
         if self.0 & (1 << bit) == 0 {
             self.0 |= 1 << bit;
-            eprintln!("warning: openephys: {}", msg());
+            log.warn(|r| {
+                r.write_str("openephys: ")?;
+                msg(r)
+            });
         }
     }
 }
@@ -611,8 +615,11 @@ impl Binner {
         self.ready.pop(slot)
     }
 
-    fn reject(&self, reason: impl FnOnce() -> String) {
-        self.log.reject(&self.counters, || format!("Open Ephys {}", reason()));
+    fn reject(&self, reason: impl FnOnce(&mut FixedText) -> std::fmt::Result) {
+        self.log.reject(&self.counters, |r| {
+            r.write_str("Open Ephys ")?;
+            reason(r)
+        });
     }
 
     /// One message; `now_ns` is when it was received (the receive time of the bins it
@@ -622,38 +629,40 @@ impl Binner {
         let data = m.envelope == DATA_ENVELOPE;
         if !data && m.envelope != EVENT_ENVELOPE {
             let env = m.envelope;
-            self.reject(|| {
-                format!("message refused: envelope {:?} (expected \"DATA\\0\" or \"EVENT\\0\")", Lossy(env))
+            self.reject(|r| {
+                write!(r, "message refused: envelope {:?} (expected \"DATA\\0\" or \"EVENT\\0\")", Lossy(env))
             });
             return;
         }
         if m.count < 2 {
-            self.reject(|| format!("message refused: {} frame(s), expected envelope, JSON header, payload", m.count));
+            self.reject(|r| {
+                write!(r, "message refused: {} frame(s), expected envelope, JSON header, payload", m.count)
+            });
             return;
         }
         let json = trim_nul(m.header);
         let h: Header = match serde_json::from_slice(json) {
             Ok(h) => h,
             Err(e) => {
-                self.reject(|| format!("message refused: bad JSON header ({e}): {:?}", Lossy(json)));
+                self.reject(|r| write!(r, "message refused: bad JSON header ({e}): {:?}", Lossy(json)));
                 return;
             }
         };
         let num = h.message_num;
         self.account(num);
         if m.count > 3 {
-            self.reject(|| format!("message {num} refused: {} frames, at most 3 expected", m.count));
+            self.reject(|r| write!(r, "message {num} refused: {} frames, at most 3 expected", m.count));
             return;
         }
         if m.truncated {
-            self.reject(|| format!("message {num} refused: a frame is longer than the receive buffer"));
+            self.reject(|r| write!(r, "message {num} refused: a frame is longer than the receive buffer"));
             return;
         }
         match (data, &*h.kind.0) {
             (true, "data") => self.data_message(&h, m, now_ns),
             (false, "spike") => self.spike_message(&h, m, now_ns),
             (false, "event") => self.ttl_message(&h, m, now_ns),
-            (true, k) => self.reject(|| format!("message {num} refused: DATA envelope with type '{k}'")),
+            (true, k) => self.reject(|r| write!(r, "message {num} refused: DATA envelope with type '{k}'")),
             (false, _) => self.stats.other_messages += 1,
         }
     }
@@ -701,7 +710,7 @@ impl Binner {
     fn data_message(&mut self, h: &Header, m: &Frames, now: u64) {
         let num = h.message_num;
         let Some(ct) = &h.content else {
-            return self.reject(|| format!("data message {num} refused: no 'content'"));
+            return self.reject(|r| write!(r, "data message {num} refused: no 'content'"));
         };
         let missing = [
             ("channel_num", ct.channel_num.is_none()),
@@ -710,7 +719,7 @@ impl Binner {
             ("sample_rate", ct.sample_rate.is_none()),
         ];
         if let Some((f, _)) = missing.iter().find(|(_, absent)| *absent) {
-            return self.reject(|| format!("data message {num} refused: no content.{f}"));
+            return self.reject(|r| write!(r, "data message {num} refused: no content.{f}"));
         }
         let (ch, ns, s, sr) = (
             ct.channel_num.unwrap_or(0),
@@ -719,24 +728,25 @@ impl Binner {
             ct.sample_rate.unwrap_or(0.0),
         );
         let Some(ds) = h.data_size else {
-            return self.reject(|| format!("data message {num} refused: no data_size"));
+            return self.reject(|r| write!(r, "data message {num} refused: no data_size"));
         };
         if m.count != 3 {
-            return self.reject(|| format!("data message {num} refused: {} frames, expected 3", m.count));
+            return self.reject(|r| write!(r, "data message {num} refused: {} frames, expected 3", m.count));
         }
         if ch < 0 || ns < 0 || s < 0 {
-            return self
-                .reject(|| format!("data message {num} refused: channel_num {ch}, num_samples {ns}, sample_num {s}"));
+            return self.reject(|r| {
+                write!(r, "data message {num} refused: channel_num {ch}, num_samples {ns}, sample_num {s}")
+            });
         }
         if ds != ns * 4 {
-            return self.reject(|| format!("data message {num} refused: data_size {ds} != num_samples {ns} x 4"));
+            return self.reject(|r| write!(r, "data message {num} refused: data_size {ds} != num_samples {ns} x 4"));
         }
         let len = m.payload.len();
         if len as i64 != ds {
-            return self.reject(|| format!("data message {num} refused: payload of {len} bytes, data_size {ds}"));
+            return self.reject(|r| write!(r, "data message {num} refused: payload of {len} bytes, data_size {ds}"));
         }
         if !(sr.is_finite() && sr > 0.0) {
-            return self.reject(|| format!("data message {num} refused: sample_rate {sr}"));
+            return self.reject(|r| write!(r, "data message {num} refused: sample_rate {sr}"));
         }
         if !self.stream_ok(ct.stream.as_ref()) {
             return;
@@ -746,8 +756,9 @@ impl Binner {
         if continuous && ch >= self.n {
             self.stats.ignored_channel += 1;
             let n = self.n;
-            self.warned.warn(W_CHANNEL, || {
-                format!(
+            self.warned.warn(&self.log, W_CHANNEL, |r| {
+                write!(
+                    r,
                     "ignoring continuous channel {ch} (and any other channel >= {n}): channels = {n} uses channel_num 0..{}; \
                      select the first {n} channels in the plugin",
                     n - 1
@@ -758,8 +769,9 @@ impl Binner {
         if continuous {
             let finite = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite();
             if let Some(i) = m.payload.chunks_exact(4).position(|b| !finite(b)) {
-                return self.reject(|| {
-                    format!(
+                return self.reject(|r| {
+                    write!(
+                        r,
                         "data message {num} refused: channel {ch} sample {i} (sample_num {}) is not finite",
                         s + i as i64
                     )
@@ -767,10 +779,11 @@ impl Binner {
             }
         }
         match self.sample_rate {
-            Some(r) if r != sr => {
-                return self.reject(|| {
-                    format!(
-                        "data message {num} refused: sample_rate {sr} Hz, but the run started at {r} Hz \
+            Some(rate) if rate != sr => {
+                return self.reject(|r| {
+                    write!(
+                        r,
+                        "data message {num} refused: sample_rate {sr} Hz, but the run started at {rate} Hz \
                          (restart latentloop after changing the rate)"
                     )
                 });
@@ -779,8 +792,8 @@ impl Binner {
             None => {
                 if !self.set_sample_rate(sr) {
                     let bin_ms = self.set.bin_ms;
-                    return self.reject(|| {
-                        format!("data message {num} refused: bin_ms = {bin_ms} is under one sample at {sr} Hz")
+                    return self.reject(|r| {
+                        write!(r, "data message {num} refused: bin_ms = {bin_ms} is under one sample at {sr} Hz")
                     });
                 }
             }
@@ -814,9 +827,9 @@ impl Binner {
             return true;
         }
         self.stats.ignored_stream += 1;
-        self.warned.warn(W_STREAM, || {
+        self.warned.warn(&self.log, W_STREAM, |r| {
             let got = stream.map_or("(none)", |s| &*s.0);
-            format!("ignoring messages of stream '{got}' (stream = '{want}')")
+            write!(r, "ignoring messages of stream '{got}' (stream = '{want}')")
         });
         false
     }
@@ -833,8 +846,8 @@ impl Binner {
         self.noise_len = ((self.set.noise_seconds as f64 * sr).round() as usize).max(1);
         if (spb - exact).abs() > 1e-6 * exact {
             let (ms, bin_ms) = (spb / sr * 1000.0, self.set.bin_ms);
-            self.warned.warn(W_BIN_WIDTH, || {
-                format!("bin_ms = {bin_ms} is not a whole number of samples at {sr} Hz: bins are {spb} samples ({ms:.4} ms)")
+            self.warned.warn(&self.log, W_BIN_WIDTH, |r| {
+                write!(r, "bin_ms = {bin_ms} is not a whole number of samples at {sr} Hz: bins are {spb} samples ({ms:.4} ms)")
             });
         }
         if self.set.mode == Mode::Continuous {
@@ -866,7 +879,8 @@ impl Binner {
         if self.pending.cap > 0 {
             self.stats.grown += 1;
             let mb = self.max_block;
-            self.warned.warn(W_GROWN, || format!("a block of {mb} samples: bin rings grown to {cap} bins"));
+            self.warned
+                .warn(&self.log, W_GROWN, |r| write!(r, "a block of {mb} samples: bin rings grown to {cap} bins"));
         }
         self.pending.grow(cap, self.lo);
         self.ready.grow(2 * cap);
@@ -918,7 +932,8 @@ impl Binner {
             let had_sd = ch.sd.is_some();
             let k = ch.process(bytes, t, refr, noise_len, thr);
             if !had_sd && ch.sd == Some(0.0) {
-                self.warned.warn(W_FLAT, || format!("channel {c} is flat during the warm-up (noise sd 0)"));
+                self.warned
+                    .warn(&self.log, W_FLAT, |r| write!(r, "channel {c} is flat during the warm-up (noise sd 0)"));
             }
             match row {
                 Some(r) => {
@@ -927,7 +942,9 @@ impl Binner {
                 }
                 None if k > 0 && self.origin.is_some_and(|o| t >= o) => {
                     self.stats.late += k as u64;
-                    self.warned.warn(W_LATE, || format!("channel {c}: crossings arrived for a bin already emitted"));
+                    self.warned.warn(&self.log, W_LATE, |r| {
+                        write!(r, "channel {c}: crossings arrived for a bin already emitted")
+                    });
                 }
                 None => {}
             }
@@ -954,8 +971,8 @@ impl Binner {
         if all || lead >= deadline {
             if !all {
                 let missing = self.chans.iter().filter(|c| c.sd.is_none()).count();
-                self.warned.warn(W_WARMUP, || {
-                    format!("{missing} channel(s) have no noise estimate after twice the warm-up: counting starts without them")
+                self.warned.warn(&self.log, W_WARMUP, |r| {
+                    write!(r, "{missing} channel(s) have no noise estimate after twice the warm-up: counting starts without them")
                 });
             }
             self.align_after = Some(lead);
@@ -1034,8 +1051,11 @@ impl Binner {
                     if ch.next.unwrap_or(i64::MIN) < end {
                         forced = true;
                         self.stats.stale[c] += 1;
-                        self.warned.warn(W_STALE, || {
-                            format!("channel {c} is behind the others: bins are emitted without it (counted as stale)")
+                        self.warned.warn(&self.log, W_STALE, |r| {
+                            write!(
+                                r,
+                                "channel {c} is behind the others: bins are emitted without it (counted as stale)"
+                            )
                         });
                     }
                 }
@@ -1062,26 +1082,26 @@ impl Binner {
         }
         let num = h.message_num;
         let Some(sp) = &h.spike else {
-            return self.reject(|| format!("spike message {num} refused: no 'spike' object"));
+            return self.reject(|r| write!(r, "spike message {num} refused: no 'spike' object"));
         };
         let (Some(e), Some(s), Some(nc), Some(ns)) = (&sp.electrode, sp.sample_num, sp.num_channels, sp.num_samples)
         else {
-            return self.reject(|| {
-                format!("spike message {num} refused: spike.electrode, sample_num, num_channels and num_samples are required")
+            return self.reject(|r| {
+                write!(r, "spike message {num} refused: spike.electrode, sample_num, num_channels and num_samples are required")
             });
         };
         if m.count != 3 {
-            return self.reject(|| format!("spike message {num} refused: {} frames, expected 3", m.count));
+            return self.reject(|r| write!(r, "spike message {num} refused: {} frames, expected 3", m.count));
         }
         if s < 0 || nc < 0 || ns < 0 {
-            return self.reject(|| {
-                format!("spike message {num} refused: sample_num {s}, num_channels {nc}, num_samples {ns}")
+            return self.reject(|r| {
+                write!(r, "spike message {num} refused: sample_num {s}, num_channels {nc}, num_samples {ns}")
             });
         }
         let len = m.payload.len();
         if len as i64 != nc * ns * 4 {
-            return self.reject(|| {
-                format!("spike message {num} refused: waveform of {len} bytes, expected num_channels {nc} x num_samples {ns} x 4")
+            return self.reject(|r| {
+                write!(r, "spike message {num} refused: waveform of {len} bytes, expected num_channels {nc} x num_samples {ns} x 4")
             });
         }
         if !self.stream_ok(sp.stream.as_ref()) {
@@ -1090,9 +1110,9 @@ impl Binner {
         let Some(c) = self.electrode(&e.0) else {
             self.stats.ignored_electrode += 1;
             let n = self.n;
-            self.warned.warn(W_ELECTRODE, || {
+            self.warned.warn(&self.log, W_ELECTRODE, |r| {
                 let name = &e.0;
-                format!("ignoring spikes of electrode '{name}': not in the electrodes list (or more than channels = {n} electrodes)")
+                write!(r, "ignoring spikes of electrode '{name}': not in the electrodes list (or more than channels = {n} electrodes)")
             });
             return;
         };
@@ -1105,7 +1125,8 @@ impl Binner {
         let b = if s >= o { ((s - o) / self.spb) as u64 } else { 0 };
         if s < o || b < self.lo || b >= self.lo + self.pending.cap as u64 {
             self.stats.late += 1;
-            self.warned.warn(W_LATE, || format!("a spike of electrode {c} arrived for a bin already emitted"));
+            self.warned
+                .warn(&self.log, W_LATE, |r| write!(r, "a spike of electrode {c} arrived for a bin already emitted"));
             return;
         }
         let r = self.pending.row(b);
@@ -1134,8 +1155,8 @@ impl Binner {
         let ds = h.data_size.unwrap_or(0);
         let (want_frames, len) = (if ds > 0 { 3 } else { 2 }, m.payload.len());
         if m.count != want_frames || (ds > 0 && len as i64 != ds) {
-            return self.reject(|| {
-                format!("event message {num} refused: {} frames ({len} bytes of data), data_size {ds}", m.count)
+            return self.reject(|r| {
+                write!(r, "event message {num} refused: {} frames ({len} bytes of data), data_size {ds}", m.count)
             });
         }
         let Some(ct) = &h.content else { return };
@@ -1346,10 +1367,20 @@ mod tests {
         }
     }
 
-    fn binner(set: Settings) -> (Binner, Arc<Counters>, crossbeam_channel::Receiver<String>) {
+    fn binner(set: Settings) -> (Binner, Arc<Counters>, crossbeam_channel::Receiver<crate::pipeline::source::LogLine>) {
         let counters = Arc::new(Counters::default());
         let (tx, rx) = crossbeam_channel::bounded(64);
         (Binner::new(set, counters.clone(), RejectLog::new(tx)), counters, rx)
+    }
+
+    /// The next refusal the binner logged (warnings passed over).
+    fn next_rejection(rx: &crossbeam_channel::Receiver<crate::pipeline::source::LogLine>) -> String {
+        loop {
+            match rx.try_recv().expect("a refusal was logged") {
+                crate::pipeline::source::LogLine::Rejected(t) => return t.to_string(),
+                crate::pipeline::source::LogLine::Warning(_) => {}
+            }
+        }
     }
 
     /// Handles one message and takes every bin it finished.
@@ -1635,7 +1666,7 @@ mod tests {
             let before = Counters::get(&counters.rejected);
             assert!(feed(&mut b, parts.clone()).is_empty());
             assert_eq!(Counters::get(&counters.rejected), before + 1, "case {i} ({want}) was not refused");
-            let reason = rx.try_recv().unwrap();
+            let reason = next_rejection(&rx);
             assert!(reason.contains(want), "case {i}: '{reason}' does not say '{want}'");
         }
         // Refused messages whose header was read still count for message_num: 1, 3, 4, 6..=13
@@ -1647,7 +1678,7 @@ mod tests {
         assert_eq!(b.stats().data_messages, 1);
         // The sample rate cannot change mid-run.
         assert!(feed(&mut b, data_message(15, "s", 1, 0, 2000.0, &[0.5; 10])).is_empty());
-        assert!(rx.try_recv().unwrap().contains("sample_rate 2000 Hz, but the run started at 1000 Hz"));
+        assert!(next_rejection(&rx).contains("sample_rate 2000 Hz, but the run started at 1000 Hz"));
     }
 
     #[test]

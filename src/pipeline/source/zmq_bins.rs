@@ -4,6 +4,7 @@ use super::{BinSlot, Counters, Next, RejectLog, SlotKind, Source};
 use crate::pipeline::clock::monotonic_ns;
 use crate::wire::bin::{self, FLAG_NO_DATA, FLAG_STREAM_START};
 use crate::wire::WireError;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,12 +97,12 @@ impl Source for ZmqBinSource {
             }
             Err(r) => {
                 let multi = extra_frames;
-                self.log.reject(&self.counters, || match &r.header {
+                self.log.reject(&self.counters, |t| match &r.header {
                     Some(h) if multi > 0 => {
-                        format!("bin seq {} refused: {} extra frames (one frame per bin)", h.seq, multi)
+                        write!(t, "bin seq {} refused: {} extra frames (one frame per bin)", h.seq, multi)
                     }
-                    Some(h) => format!("bin seq {} refused: {}", h.seq, r.error),
-                    None => format!("message of {n} bytes refused: {}", r.error),
+                    Some(h) => write!(t, "bin seq {} refused: {}", h.seq, r.error),
+                    None => write!(t, "message of {n} bytes refused: {}", r.error),
                 });
                 match r.header {
                     // Known sequence number: answer it, flagged, so nothing is silently lost.
