@@ -21,6 +21,8 @@ pub struct RigConfig {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub reports: ReportsConfig,
+    #[serde(default)]
+    pub record: RecordConfig,
     /// The file this came from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -207,6 +209,57 @@ impl Default for ReportsConfig {
     }
 }
 
+/// `[record]`: the session recording (docs/SESSION.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Record the session (on unless set false; the run then says so at start).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The session folder (relative to the config); default `<reports dir>/session`. A
+    /// session already there is moved aside, never overwritten.
+    pub dir: Option<String>,
+    /// Records the recorder's ring holds (at 1 kHz, 4096 is 4 s of a stalled disk).
+    #[serde(default = "record_ring")]
+    pub ring_capacity: usize,
+    /// The largest decoder state (latents) a record holds; models loaded later may not be
+    /// larger.
+    #[serde(default = "max_latents")]
+    pub max_latents: usize,
+    /// What the session is, for the NWB export's session_description.
+    pub description: Option<String>,
+    pub experimenter: Option<String>,
+    pub institution: Option<String>,
+    pub session_id: Option<String>,
+    /// The subject, for NWB (subject_id, species, sex, age, ...): kept as given.
+    pub subject: Option<toml::Table>,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        RecordConfig {
+            enabled: true,
+            dir: None,
+            ring_capacity: record_ring(),
+            max_latents: max_latents(),
+            description: None,
+            experimenter: None,
+            institution: None,
+            session_id: None,
+            subject: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn record_ring() -> usize {
+    4096
+}
+fn max_latents() -> usize {
+    256
+}
 fn one() -> u64 {
     1
 }
@@ -294,6 +347,20 @@ impl RigConfig {
         *self.source.bin_ms.get_ref() / 1000.0
     }
 
+    /// The config file's text, as read (for the session header).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Where the session is recorded (None: recording is off).
+    pub fn session_dir(&self) -> Option<PathBuf> {
+        let r = &self.record;
+        r.enabled.then(|| match &r.dir {
+            Some(d) => self.resolve(d),
+            None => self.resolve(&self.reports.dir).join("session"),
+        })
+    }
+
     pub fn model_path(&self) -> Option<PathBuf> {
         self.model.path.as_ref().map(|p| self.resolve(p.get_ref()))
     }
@@ -360,6 +427,9 @@ impl RigConfig {
                     msg: format!("[pipeline] realtime_priority = {p}: SCHED_FIFO priorities are 1..=99"),
                 });
             }
+        }
+        if self.record.ring_capacity < 16 {
+            return Err(Error::Config { path: self.path.clone(), msg: "[record] ring_capacity must be >= 16".into() });
         }
         if self.pipeline.ring_capacity < 2 {
             return Err(Error::Config { path: self.path.clone(), msg: "[pipeline] ring_capacity must be >= 2".into() });

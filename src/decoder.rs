@@ -65,4 +65,14 @@ pub trait Decoder: Send {
     fn lag1_mean(&self) -> &[f32];
     /// Starts over from the prior (e.g. after the source restarted).
     fn reset(&mut self);
+    /// For [`Decoder::carry_state_from`]: the concrete decoder.
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Takes over `other`'s state (a model swapped in between bins, on the same latent
+    /// space): the filtered state, the lag-1 mean and the bin counter, so that the new model
+    /// goes on where the old one was. Returns false, changing nothing, where the two are not
+    /// of one kind and shape (then the caller starts this one from its prior). Allocates
+    /// nothing.
+    fn carry_state_from(&mut self, _other: &dyn Decoder) -> bool {
+        false
+    }
 }

@@ -24,6 +24,9 @@ pub mod math;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod progress;
+pub mod replay;
+pub mod session;
 pub mod sim;
 pub mod wire;
 

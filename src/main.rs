@@ -59,6 +59,16 @@ enum Command {
     /// and priority the decoder gets (the config's decode_core and realtime_priority).
     /// Prints a JSON report on stdout and a one-line summary on stderr.
     Jitter(JitterArgs),
+    /// Decode a recorded session again and check that every published bin comes out identical.
+    ///
+    /// Replays the session's recorded inputs through the same per-bin step as `run`, with
+    /// the recorded models (stored in the session folder, checked by SHA-256), seeds and
+    /// decisions (gaps, skipped and stale bins, restarts, refused bins, model swaps), as
+    /// fast as the filter goes. Prints "N bins, all identical" and exits 0, or names the
+    /// first bin that differs and the largest difference and exits 1. With --model, decodes
+    /// the same session with another model instead (what it would have published; behaviour
+    /// R^2 against the behaviour the bins carried) and writes it with --out.
+    Replay(ReplayArgs),
     /// Print a model file's card.
     Info {
         /// The model file (.safetensors).
@@ -75,6 +85,27 @@ struct RunArgs {
     #[arg(long)]
     seconds: Option<f64>,
     /// No live status line or final table (reports are still written).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The session folder (`<reports>/session` of a run, or `[record] dir`).
+    session: PathBuf,
+    /// Decode with this model instead of the recorded ones (same channel count).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Write the replayed outputs (seq, flags, kl, behavior, latents, lag1) to this .npz.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where XFADS filters run: cpu or cuda (both give the bits the session recorded).
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    backend: BackendArg,
+    /// Print the report as JSON on stdout too.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
@@ -312,7 +343,7 @@ impl BackendArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
@@ -320,13 +351,54 @@ fn main() -> ExitCode {
     }
 }
 
-fn dispatch(cmd: Command) -> Result<()> {
+/// Exit 0, or the code a command chose (replay: 1 when a bin differs).
+fn dispatch(cmd: Command) -> Result<ExitCode> {
+    if let Command::Replay(a) = cmd {
+        return replay(a);
+    }
+    dispatch_rest(cmd).map(|()| ExitCode::SUCCESS)
+}
+
+fn replay(a: ReplayArgs) -> Result<ExitCode> {
+    let backend = select_backend(a.backend.name()).map_err(Error::Invalid)?;
+    let opts =
+        latentloop::replay::ReplayOptions { model: a.model.clone(), out: a.out.clone(), backend, quiet: a.quiet };
+    let r = latentloop::replay::replay(&a.session, &opts)?;
+    eprintln!("{}: {}", a.session.display(), r.status);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("report serialises"));
+    }
+    match &a.model {
+        None => eprintln!("{} ({:.0} bins/s)", r.line(), r.bins_per_second),
+        Some(m) => {
+            let r2 = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+            eprintln!(
+                "{} bins decoded by {} ({:.0} bins/s): behaviour R2 {} (the live decoders: {})",
+                r.stepped,
+                m.display(),
+                r.bins_per_second,
+                r2(r.behavior_r2),
+                r2(r.live_behavior_r2)
+            );
+        }
+    }
+    if let Some(out) = &a.out {
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(if r.identical() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn dispatch_rest(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run(a) => {
             let cfg = RigConfig::load(&a.config)?;
             let summary = pipeline::run(&cfg, &RunOptions { seconds: a.seconds, quiet: a.quiet })?;
             if !a.quiet {
                 eprintln!("reports written to {}", summary.reports);
+            }
+            // The session path is printed even with --quiet: it is where the data went.
+            if let Some(s) = &summary.session {
+                eprintln!("session recorded in {s} ({} bins)", summary.session_records.unwrap_or(0));
             }
             Ok(())
         }
@@ -456,6 +528,7 @@ fn dispatch(cmd: Command) -> Result<()> {
             eprintln!("{}", report.line());
             Ok(())
         }
+        Command::Replay(_) => unreachable!("dispatched above"),
         Command::Info { model } => {
             let f = latentloop::model::ModelFile::read(&model)?;
             let m = AnyModel::from_model_file(&f).map_err(|msg| Error::model(&model, msg))?;

@@ -376,4 +376,24 @@ impl Decoder for Filter {
     fn reset(&mut self) {
         Filter::reset(self)
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    /// From another filter with the same L and S: its samples of q_{t-1}, means and bin
+    /// counter (so the noise stream goes on where it was). The prediction is redone with this
+    /// filter's dynamics.
+    fn carry_state_from(&mut self, other: &dyn Decoder) -> bool {
+        let Some(o) = other.as_any().downcast_ref::<Filter>() else { return false };
+        if (o.l, o.s) != (self.l, self.s) {
+            return false;
+        }
+        self.z.copy_from_slice(&o.z);
+        self.m.copy_from_slice(&o.m);
+        self.lag1.copy_from_slice(&o.lag1);
+        (self.step, self.from_prior, self.predicted) = (o.step, o.from_prior, false);
+        if let Some(b) = &self.model.behavior {
+            b.apply(&self.m, &mut self.behavior);
+        }
+        true
+    }
 }

@@ -74,4 +74,7 @@ impl Decoder for GpuFilter {
     fn reset(&mut self) {
         self.batch.reset(0)
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

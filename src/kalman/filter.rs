@@ -419,4 +419,20 @@ impl Decoder for KalmanFilter {
     fn reset(&mut self) {
         KalmanFilter::reset(self)
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    /// From another Kalman decoder of the same state size: the state, its covariance, the
+    /// lag-1 mean and the bin counter. The prediction is redone with this model.
+    fn carry_state_from(&mut self, other: &dyn Decoder) -> bool {
+        let Some(o) = other.as_any().downcast_ref::<KalmanFilter>() else { return false };
+        if (o.d, o.n) != (self.d, self.n) {
+            return false;
+        }
+        self.x.copy_from_slice(&o.x);
+        self.p.copy_from_slice(&o.p);
+        self.lag1.copy_from_slice(&o.lag1);
+        (self.step, self.from_prior, self.predicted, self.broken) = (o.step, o.from_prior, false, false);
+        true
+    }
 }

@@ -4,7 +4,9 @@
 //! the gap in sequence numbers.
 
 use super::clock::monotonic_ns;
+use super::record::RecordTap;
 use super::source::{BinSlot, Counters, Next, Source};
+use crate::session::Decision;
 use ringbuf::traits::{Consumer, Producer};
 use ringbuf::{HeapCons, HeapProd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,8 @@ pub struct Acquire {
     /// Receives bins while every other slot is in flight (they are then dropped).
     pub spare: BinSlot,
     pub counters: Arc<Counters>,
+    /// Bins dropped here (no free slot) still go into the session.
+    pub record: Option<RecordTap>,
     pub stop: Arc<AtomicBool>,
     /// Woken after each push (it may be parked waiting); set once the decoder starts.
     pub consumer: Arc<OnceLock<Thread>>,
@@ -45,6 +49,9 @@ impl Acquire {
                     if let Next::Bin = self.source.next(&mut self.spare, POLL) {
                         Counters::add(&self.counters.acquired, 1);
                         Counters::add(&self.counters.dropped_ring_full, 1);
+                        if let Some(r) = self.record.as_mut() {
+                            r.bin(&self.spare, Decision::RingFull, 0, 0, None);
+                        }
                     }
                     continue;
                 }

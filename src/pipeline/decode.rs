@@ -12,21 +12,27 @@
 //! restart in the backlog is not lost (the bin kept from the restarted stream is decoded as
 //! its first, with RESTART|RESET, and the bins skipped before it in `dropped_before`).
 //!
+//! Every bin it takes, and what became of it (decoded and published, skipped, dropped as
+//! stale or out of order), goes to the recorder thread as a copy in a preallocated slot
+//! ([`RecordTap`]); a full ring costs a counted record, never a wait.
+//!
 //! Per bin this thread allocates nothing, takes no lock, and makes no system call but the
 //! socket's and, while no bin is due, a timed park: it sleeps until shortly before the next
-//! bin is due, then spins (`Decode::wait`).
+//! bin is due, then spins ([`Waiter`]).
 
 use super::clock::monotonic_ns;
+use super::record::{Published, RecordTap};
 use super::source::{BinSlot, Counters};
 use super::stats::{TimingRecord, MAX_BEHAVIOR};
 use super::step::{is_restart, Outcome, Step};
+use super::wait::Waiter;
 use crate::decoder::Decoder;
-use crate::wire::output;
+use crate::session::Decision;
+use crate::wire::output::{self, OutputHeader};
 use ringbuf::traits::{Consumer, Producer};
 use ringbuf::{HeapCons, HeapProd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub struct Decode {
     pub decoder: Box<dyn Decoder>,
@@ -34,9 +40,11 @@ pub struct Decode {
     pub free: HeapProd<BinSlot>,
     pub out: zmq::Socket,
     pub stats: HeapProd<TimingRecord>,
+    /// Every bin and what became of it, to the recorder thread (None: not recording).
+    pub record: Option<RecordTap>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
-    pub spin: Duration,
+    pub waiter: Waiter,
     /// The bin width: when the next bin is due.
     pub bin_ns: u64,
     /// A bin received longer ago than this is skipped when a newer one is waiting.
@@ -47,19 +55,6 @@ pub struct Decode {
     pub realtime: Option<i32>,
     /// Told whether the thread's set-up (real-time priority) worked, before the first bin.
     pub ready: crossbeam_channel::Sender<Result<(), String>>,
-}
-
-/// Start spinning at least this long before a bin is due: a timed park wakes up late.
-const MIN_LEAD_NS: u64 = 250_000;
-/// Added to the lateness a park showed when the lead grows to cover it.
-const LEAD_MARGIN_NS: u64 = 50_000;
-
-/// The spin lead after a timed park that woke `late` ns after it was asked to: the recent
-/// worst lateness plus a margin, forgotten by 1/64 a park, within [MIN_LEAD, bin / 4] so that
-/// spinning never takes more than a quarter of the core. (On a VM a 19 ms park wakes 130 to
-/// 1,800 us late, so a fixed lead left the decoder asleep when most 20 ms bins came.)
-fn next_lead(lead: u64, late: u64, bin_ns: u64) -> u64 {
-    (lead - lead / 64).max(late + LEAD_MARGIN_NS).clamp(MIN_LEAD_NS, (bin_ns / 4).max(MIN_LEAD_NS))
 }
 
 /// Returns a slot to the acquisition thread. The return ring has room for every slot there
@@ -91,6 +86,7 @@ fn catch_up(
     free: &mut impl Producer<Item = BinSlot>,
     last: Option<u64>,
     is_stale: impl Fn(&BinSlot) -> bool,
+    mut passed_over: impl FnMut(&BinSlot, Decision),
 ) -> CaughtUp {
     let mut done = CaughtUp::default();
     while is_stale(slot) {
@@ -104,12 +100,15 @@ fn catch_up(
             let old = std::mem::replace(slot, newer);
             if kept_is_stale {
                 done.stale += 1;
+                passed_over(&old, Decision::Stale);
             } else {
                 done.skipped += 1;
+                passed_over(&old, Decision::Skipped);
             }
             give_back(free, old);
         } else {
             done.stale += 1;
+            passed_over(&newer, Decision::Stale);
             give_back(free, newer);
         }
     }
@@ -117,40 +116,6 @@ fn catch_up(
 }
 
 impl Decode {
-    /// Waits for a bin. Bins come on a clock: sleep until `lead` before the expected
-    /// arrival, then spin (a woken thread costs ~30 us, a spinning one sees the bin at
-    /// once), and if it is more than `spin` late, nap until the producer unparks us. The
-    /// lead follows how late the timed parks wake ([`next_lead`]). A `spin` of a bin width
-    /// or more never sleeps ahead: the thread spins from one bin to the next (for a core of
-    /// its own, where no wake-up is the lowest latency).
-    fn wait(&mut self, expected_ns: Option<u64>, lead: &mut u64) -> Option<BinSlot> {
-        let spin_ns = self.spin.as_nanos() as u64;
-        let sleep_ahead = spin_ns < self.bin_ns;
-        let start = monotonic_ns();
-        let expected = expected_ns.unwrap_or(start);
-        loop {
-            if let Some(s) = self.ring.try_pop() {
-                return Some(s);
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                return None;
-            }
-            let now = monotonic_ns();
-            if sleep_ahead && now + *lead < expected {
-                let until = expected - *lead;
-                std::thread::park_timeout(Duration::from_nanos(until - now));
-                let woke = monotonic_ns();
-                if woke > until {
-                    *lead = next_lead(*lead, woke - until, self.bin_ns);
-                }
-            } else if now < expected.max(start) + spin_ns {
-                std::hint::spin_loop();
-            } else {
-                std::thread::park_timeout(Duration::from_millis(1));
-            }
-        }
-    }
-
     pub fn run(mut self) -> Box<dyn Decoder> {
         if let Some(core) = self.core {
             if let Err(e) = super::clock::pin_current_thread(core) {
@@ -169,32 +134,49 @@ impl Decode {
         let (d, l) = (self.decoder.behavior_dims(), self.decoder.latents());
         let mut msg = vec![0u8; output::len(d, l)];
         let mut expected_ns: Option<u64> = None;
-        let mut lead = MIN_LEAD_NS;
         let c = self.counters.clone();
+        // The decoder the session starts with is change 0, applied before the first bin.
+        if let Some(r) = self.record.as_mut() {
+            r.applied(0);
+        }
         loop {
             let t0 = monotonic_ns();
             self.decoder.predict(); // the next bin's prediction, before it arrives
             let predict_ns = monotonic_ns() - t0;
-            let Some(mut slot) = self.wait(expected_ns, &mut lead) else { break };
+            let ring = &mut self.ring;
+            let Some(mut slot) = self.waiter.wait(expected_ns, &self.stop, || ring.try_pop()) else { break };
             let now = monotonic_ns();
             let stale_ns = self.stale_ns;
             let is_stale = |b: &BinSlot| now.saturating_sub(b.recv_ns) > stale_ns;
-            let caught = catch_up(&mut slot, &mut self.ring, &mut self.free, self.step.last_seq(), is_stale);
+            let record = &mut self.record;
+            let passed_over = |b: &BinSlot, why| {
+                if let Some(r) = record.as_mut() {
+                    r.bin(b, why, 0, now, None);
+                }
+            };
+            let last = self.step.last_seq();
+            let caught = catch_up(&mut slot, &mut self.ring, &mut self.free, last, is_stale, passed_over);
             Counters::add(&c.out_of_order, caught.stale);
             let pop_ns = monotonic_ns();
 
             let header = match self.step.apply(&mut *self.decoder, &slot, caught.skipped, &c) {
                 Outcome::Decoded(h) => h,
                 Outcome::OutOfOrder => {
+                    if let Some(r) = self.record.as_mut() {
+                        r.bin(&slot, Decision::OutOfOrder, caught.skipped, pop_ns, None);
+                    }
                     give_back(&mut self.free, slot);
                     continue;
                 }
             };
             let step_ns = monotonic_ns();
 
-            output::encode(&header, self.decoder.behavior(), self.decoder.mean(), self.decoder.lag1_mean(), &mut msg);
-            output::set_publish_ns(&mut msg, monotonic_ns());
-            if self.out.send(&msg[..], zmq::DONTWAIT).is_err() {
+            let dec = &*self.decoder;
+            output::encode(&header, dec.behavior(), dec.mean(), dec.lag1_mean(), &mut msg);
+            let publish_ns = monotonic_ns();
+            output::set_publish_ns(&mut msg, publish_ns);
+            let output_dropped = self.out.send(&msg[..], zmq::DONTWAIT).is_err();
+            if output_dropped {
                 Counters::add(&c.output_dropped, 1);
             }
             let sent_ns = monotonic_ns();
@@ -214,12 +196,25 @@ impl Decode {
                 truth: [0.0; MAX_BEHAVIOR],
             };
             let k = rec.dims as usize;
-            rec.behavior[..k].copy_from_slice(&self.decoder.behavior()[..k]);
+            rec.behavior[..k].copy_from_slice(&dec.behavior()[..k]);
             if slot.has_behavior {
                 rec.truth[..k].copy_from_slice(&slot.behavior[..k.min(slot.behavior.len())]);
             }
             if self.stats.try_push(rec).is_err() {
                 Counters::add(&c.stats_dropped, 1);
+            }
+            if let Some(r) = self.record.as_mut() {
+                let header = OutputHeader { publish_ns, ..header };
+                let p = Published {
+                    header: &header,
+                    behavior: dec.behavior(),
+                    latent: dec.mean(),
+                    lag1: dec.lag1_mean(),
+                    step_ns,
+                    publish_ns,
+                    output_dropped,
+                };
+                r.bin(&slot, Decision::Decoded, caught.skipped, pop_ns, Some(&p));
             }
             expected_ns = Some(slot.recv_ns + self.bin_ns);
             give_back(&mut self.free, slot);
@@ -250,30 +245,10 @@ mod tests {
             let _ = prod.try_push(slot(seq, restart));
         }
         let mut kept = first;
-        let done = catch_up(&mut kept, &mut ring, &mut free, last, |_| true);
+        let done = catch_up(&mut kept, &mut ring, &mut free, last, |_| true, |_, _| {});
         let returned = std::iter::from_fn(|| back.try_pop()).count() as u64;
         assert_eq!(returned, done.skipped + done.stale, "every slot not kept goes back");
         (kept.seq, kept.restart, done)
-    }
-
-    #[test]
-    fn the_lead_covers_the_lateness_seen_then_forgets_it() {
-        let bin = 20_000_000;
-        // Lateness under the minimum leaves it there.
-        assert_eq!(next_lead(MIN_LEAD_NS, 100_000, bin), MIN_LEAD_NS);
-        // A late wake-up grows it to that lateness plus the margin...
-        let grown = next_lead(MIN_LEAD_NS, 1_700_000, bin);
-        assert_eq!(grown, 1_750_000);
-        // ...then it decays by 1/64 a park while the parks are on time...
-        assert_eq!(next_lead(grown, 0, bin), 1_750_000 - 1_750_000 / 64);
-        let mut l = grown;
-        for _ in 0..1000 {
-            l = next_lead(l, 0, bin);
-        }
-        assert_eq!(l, MIN_LEAD_NS);
-        // ...and never exceeds a quarter of a bin (nor falls below the minimum for short bins).
-        assert_eq!(next_lead(MIN_LEAD_NS, 9_000_000, bin), bin / 4);
-        assert_eq!(next_lead(MIN_LEAD_NS, 900_000, 1_000_000), MIN_LEAD_NS);
     }
 
     #[test]

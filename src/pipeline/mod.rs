@@ -2,35 +2,38 @@
 //!
 //! Threads:
 //! - acquisition ([`acquire`]): source -> bins -> SPSC ring (never blocks on the decoder);
-//! - decode ([`decode`]): ring -> filter step -> ZeroMQ PUB, one timing record per bin;
-//! - main (this module): calibration (when the config names no model), then statistics:
-//!   histograms, the live status line, snapshots, and the reports at the end.
+//! - decode ([`decode`]): ring -> the per-bin step ([`step`]) -> ZeroMQ PUB, one timing
+//!   record per bin to the main thread and one session record to the recorder;
+//! - recorder ([`record`]): the session folder on disk ([`crate::session`]);
+//! - main (this module): set-up ([`setup`]), calibration when the config names no model
+//!   ([`calibrate`]), then statistics: histograms, the live status line, snapshots, and the
+//!   reports at the end. [`threads::Threads`] stops and joins the others on every path.
 //!
 //! Bins travel in preallocated slots through one SPSC ring and come back through another;
-//! timing records travel through a third. Control is a stop flag (set by Ctrl-C / SIGTERM or
-//! by `--seconds`) and a crossbeam channel carrying rejected-message reasons.
+//! timing records and session records travel through rings of their own. Control is a stop
+//! flag (set by Ctrl-C / SIGTERM or by `--seconds`) and a channel carrying the sources'
+//! refusals and warnings to the terminal.
 
 pub mod acquire;
+pub mod calibrate;
 pub mod clock;
 pub mod decode;
 pub mod hot_path;
 pub mod jitter;
+pub mod record;
+pub mod setup;
 pub mod source;
 pub mod stats;
 pub mod step;
+pub mod threads;
+pub mod wait;
 
-use crate::any_model::{AnyModel, DecoderOptions};
-use crate::config::{RigConfig, SourceKind};
-use crate::data::{Array2, Dataset};
+use crate::config::RigConfig;
 use crate::error::{Error, Result};
-use crate::filter::FilterOptions;
-use crate::fit::kalman::{fit_dataset, KalmanFitOptions};
-use crate::gpu::{select_backend, Backend};
-use crate::sim::{SimConfig, System};
 use ringbuf::traits::{Consumer, Producer, Split};
 use ringbuf::HeapRb;
 use serde::Serialize;
-use source::{BinSlot, Counters, LogLine, RejectLog, SlotKind, Source};
+use source::{BinSlot, Counters, LogLine};
 use stats::{StageSummary, Stats, TimingRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -58,10 +61,12 @@ pub struct CounterSummary {
     pub lost_messages: u64,
     pub output_dropped: u64,
     pub stats_dropped: u64,
+    /// Session records lost because the recorder's ring was full (a stalled disk).
+    pub records_lost: u64,
 }
 
 impl CounterSummary {
-    fn read(c: &Counters) -> Self {
+    fn read(c: &Counters, records_lost: u64) -> Self {
         let g = Counters::get;
         CounterSummary {
             acquired: g(&c.acquired),
@@ -77,6 +82,7 @@ impl CounterSummary {
             lost_messages: g(&c.lost_messages),
             output_dropped: g(&c.output_dropped),
             stats_dropped: g(&c.stats_dropped),
+            records_lost,
         }
     }
 }
@@ -97,170 +103,62 @@ pub struct RunSummary {
     pub behavior_r2: Option<f64>,
     pub stages: Vec<StageSummary>,
     pub reports: String,
-}
-
-fn build_source(
-    cfg: &RigConfig,
-    ctx: &zmq::Context,
-    behavior_dims: usize,
-    counters: &Arc<Counters>,
-    log: &RejectLog,
-) -> Result<Box<dyn Source>> {
-    let channels = *cfg.source.channels.get_ref();
-    let bad = |m: String| Error::Config { path: cfg.path.clone(), msg: m };
-    match cfg.source.kind {
-        SourceKind::Sim => {
-            let s = cfg.source.sim.as_ref().expect("validated");
-            let system: System = s.system.get_ref().parse().map_err(|e| cfg.error_at(s.system.span(), e))?;
-            let mut sc = SimConfig::new(system, channels, s.seed, s.trial_seed.unwrap_or(s.seed));
-            sc.behavior_dims = s.behavior_dims;
-            sc.dt = cfg.bin_seconds() as f32;
-            if behavior_dims != 0 && behavior_dims != s.behavior_dims {
-                return Err(bad(format!(
-                    "[source.sim] behavior_dims = {} but the model decodes {behavior_dims}",
-                    s.behavior_dims
-                )));
-            }
-            Ok(Box::new(source::sim::SimSource::new(&sc, cfg.bin_seconds()).map_err(bad)?))
-        }
-        SourceKind::Zmq => {
-            let z = cfg.source.zmq.as_ref().expect("validated");
-            let d = if behavior_dims > 0 { behavior_dims } else { z.behavior_dims };
-            let s = source::zmq_bins::ZmqBinSource::connect(
-                ctx,
-                &z.endpoint,
-                channels,
-                d,
-                z.max_count,
-                counters.clone(),
-                log.clone(),
-            )
-            .map_err(bad)?;
-            Ok(Box::new(s))
-        }
-        SourceKind::Openephys => {
-            let o = cfg.source.openephys.as_ref().expect("validated");
-            let set = source::openephys::Settings::new(o, channels, *cfg.source.bin_ms.get_ref()).map_err(bad)?;
-            let s = source::openephys::OpenEphysSource::connect(ctx, &o.endpoint, set, counters.clone(), log.clone())
-                .map_err(bad)?;
-            Ok(Box::new(s))
-        }
-    }
-}
-
-/// Pops `bins` calibration bins from the ring (returning the slots) and fits the Kalman
-/// decoder on them. Returns the model and the calibration data.
-fn calibrate(
-    cfg: &RigConfig,
-    ring: &mut ringbuf::HeapCons<BinSlot>,
-    free: &mut ringbuf::HeapProd<BinSlot>,
-    behavior_dims: usize,
-    stop: &AtomicBool,
-    quiet: bool,
-) -> Result<(AnyModel, Dataset)> {
-    let channels = *cfg.source.channels.get_ref();
-    let bins = (*cfg.calibration.seconds.get_ref() / cfg.bin_seconds()).round() as usize;
-    let bar = progress(bins as u64, quiet, "calibrating {bar:30} {pos}/{len} bins ({eta} left)");
-    let (mut spikes, mut behavior) = (Vec::with_capacity(bins * channels), Vec::with_capacity(bins * behavior_dims));
-    let mut without = 0usize;
-    while spikes.len() < bins * channels {
-        if stop.load(Ordering::Relaxed) {
-            return Err(Error::Invalid("stopped during calibration; no decoder was fitted".into()));
-        }
-        let Some(slot) = ring.try_pop() else {
-            std::thread::sleep(Duration::from_micros(200));
-            continue;
-        };
-        if slot.kind == SlotKind::Data {
-            if slot.has_behavior {
-                spikes.extend_from_slice(&slot.counts);
-                behavior.extend_from_slice(&slot.behavior);
-                bar.inc(1);
-            } else {
-                without += 1;
-            }
-        }
-        let _ = free.try_push(slot);
-        if without > bins {
-            return Err(Error::Invalid(format!(
-                "calibration needs bins that carry behaviour ({behavior_dims} values each); {without} arrived without"
-            )));
-        }
-    }
-    bar.finish_and_clear();
-    let data = Dataset {
-        spikes: Array2::new(bins, channels, spikes),
-        behavior: Some(Array2::new(bins, behavior_dims, behavior)),
-        dt: cfg.bin_seconds() as f32,
-        ..Default::default()
-    };
-    let opts = KalmanFitOptions { ridge: cfg.calibration.ridge, ..Default::default() };
-    let model = fit_dataset(&data, &opts).map_err(Error::Invalid)?;
-    Ok((AnyModel::Kalman(Arc::new(model)), data))
-}
-
-fn progress(len: u64, quiet: bool, template: &str) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
+    /// The session folder (None: recording was off).
+    pub session: Option<String>,
+    /// Bin records written to it.
+    pub session_records: Option<u64>,
 }
 
 pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
+    // Set-up: everything that can be refused is refused before any thread starts.
     let channels = *cfg.source.channels.get_ref();
-    let model = match cfg.model_path() {
-        Some(p) => {
-            let m = AnyModel::load(&p)?;
-            if m.channels() != channels {
-                let span = cfg.source.channels.span();
-                return Err(cfg.error_at(
-                    span,
-                    format!("channels = {channels} but the model {} expects {}", p.display(), m.channels()),
-                ));
-            }
-            Some(m)
-        }
-        None => None,
-    };
-    let behavior_dims = match (&model, cfg.source.kind) {
-        (Some(m), _) => m.behavior_dims(),
-        (None, SourceKind::Sim) => cfg.source.sim.as_ref().map_or(0, |s| s.behavior_dims),
-        (None, _) => cfg.source.zmq.as_ref().map_or(0, |z| z.behavior_dims),
-    };
-    if model.is_none() && behavior_dims == 0 {
-        return Err(Error::Config {
-            path: cfg.path.clone(),
-            msg: "calibration needs behaviour: set behavior_dims in the source table".into(),
-        });
-    }
-
+    let loaded = setup::load_model(cfg)?;
+    let behavior_dims = setup::behavior_dims(cfg, loaded.as_ref().map(|(m, _)| m))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| Error::Invalid(format!("signal handler: {e}")))?;
     }
     let counters = Arc::new(Counters::default());
     let (log_tx, log_rx) = crossbeam_channel::bounded::<LogLine>(64);
-    let log = RejectLog::new(log_tx);
+    let dec_opts = match &loaded {
+        Some((m, _)) => Some(setup::decoder_options(cfg, m)?),
+        None => None,
+    };
+    let backend = dec_opts.map_or(crate::gpu::Backend::Cpu, |o| o.backend);
+    let mut session = {
+        let header = setup::header(cfg, behavior_dims, None, setup::decoder_ref(cfg, backend));
+        let max_latents = cfg.record.max_latents.max(loaded.as_ref().map_or(0, |(m, _)| m.latents()));
+        setup::open_session(cfg, &header, max_latents)?
+    };
+    let log = setup::source_log(log_tx, session.as_ref());
     let ctx = zmq::Context::new();
-    let source = build_source(cfg, &ctx, behavior_dims, &counters, &log)?;
+    let source = setup::build_source(cfg, &ctx, behavior_dims, &counters, &log)?;
     if source.channels() != channels {
         return Err(
             cfg.error_at(cfg.source.channels.span(), format!("the source delivers {} channels", source.channels()))
         );
     }
+    let out = setup::output_socket(cfg, &ctx)?;
+    if session.is_none() && !opts.quiet {
+        eprintln!("note: [record] enabled = false: this session is not recorded");
+    }
 
-    let out = ctx.socket(zmq::PUB).map_err(|e| Error::Invalid(e.to_string()))?;
-    out.set_sndhwm(cfg.output.sndhwm).map_err(|e| Error::Invalid(e.to_string()))?;
-    out.set_linger(0).map_err(|e| Error::Invalid(e.to_string()))?;
-    out.bind(&cfg.output.endpoint).map_err(|e| Error::Config {
-        path: cfg.path.clone(),
-        msg: format!("cannot bind output {}: {e}", cfg.output.endpoint),
-    })?;
-
+    // Start: the recorder, then acquisition (calibration reads its bins), then decoding.
+    let mut threads = threads::Threads::new(stop.clone());
+    let mut decode_tap = None;
+    let mut acquire_tap = None;
+    let recording = match session.take() {
+        Some(s) => {
+            let rec = s.recorder;
+            threads.start_recorder(s.recording.tx.clone(), move || rec.run())?;
+            (decode_tap, acquire_tap) = (Some(s.decode_tap), Some(s.acquire_tap));
+            let _ = s.recording.tx.send(record::ToRecorder::Event(
+                serde_json::json!({"kind": "start", "t_ns": clock::monotonic_ns(), "wall": crate::session::write::now_utc()}),
+            ));
+            Some(s.recording)
+        }
+        None => None,
+    };
     let cap = cfg.pipeline.ring_capacity;
     let (ring_prod, mut ring_cons) = HeapRb::<BinSlot>::new(cap).split();
     let (mut free_prod, free_cons) = HeapRb::<BinSlot>::new(cap).split();
@@ -269,109 +167,99 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     let (stats_prod, mut stats_cons) = HeapRb::<TimingRecord>::new(1 << 14).split();
     let consumer: Arc<OnceLock<std::thread::Thread>> = Arc::new(OnceLock::new());
-
     let acq = acquire::Acquire {
         source,
         ring: ring_prod,
         free: free_cons,
         spare: BinSlot::new(channels, behavior_dims),
         counters: counters.clone(),
+        record: acquire_tap,
         stop: stop.clone(),
         consumer: consumer.clone(),
         core: cfg.pipeline.acquire_core,
     };
-    let acq_thread = std::thread::Builder::new()
-        .name("ll-acquire".into())
-        .spawn(move || acq.run())
-        .map_err(|e| Error::Invalid(format!("cannot start the acquisition thread: {e}")))?;
+    threads.start_acquire(move || drop(acq.run()))?;
 
     let reports = cfg.resolve(&cfg.reports.dir);
-    let model = match model {
-        Some(m) => m,
+    let rec_tx = recording.as_ref().map(|r| r.tx.clone());
+    let (model, bytes, origin) = match loaded {
+        Some((m, b)) => (m, b, cfg.model_path().map_or(String::new(), |p| p.display().to_string())),
         None => {
-            let calibrated = calibrate(cfg, &mut ring_cons, &mut free_prod, behavior_dims, &stop, opts.quiet);
-            let (m, data) = match calibrated {
-                Ok(x) => x,
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let _ = acq_thread.join();
-                    return Err(e);
-                }
-            };
+            let (m, data) = calibrate::calibrate(
+                cfg,
+                &mut ring_cons,
+                &mut free_prod,
+                behavior_dims,
+                &stop,
+                rec_tx.as_ref(),
+                opts.quiet,
+            )?;
             std::fs::create_dir_all(&reports).map_err(|e| Error::io(&reports, e))?;
-            if let AnyModel::Kalman(k) = &m {
-                k.to_file().write(reports.join("calibration-kalman.safetensors"))?;
-            }
+            let file = match &m {
+                crate::any_model::AnyModel::Kalman(k) => k.to_file(),
+                crate::any_model::AnyModel::Xfads(_) => unreachable!("calibration fits the Kalman decoder"),
+            };
+            file.write(reports.join("calibration-kalman.safetensors"))?;
             data.write_npz(reports.join("calibration.npz"))?;
             if !opts.quiet {
                 eprintln!("calibrated on {} bins: {}", data.bins(), m.describe());
             }
-            m
+            (m, file.to_bytes(), "calibration".to_string())
         }
     };
-
-    // [model] backend: where an XFADS filter runs (Kalman decoders always run on the CPU).
-    // "cuda" must be honoured or the run fails; "auto" falls back to the CPU with a warning.
-    let built = (|| -> Result<_> {
-        let backend = match &model {
-            AnyModel::Xfads(_) => select_backend(&cfg.model.backend)
-                .map_err(|msg| Error::Config { path: cfg.path.clone(), msg: format!("[model] backend: {msg}") })?,
-            AnyModel::Kalman(_) => Backend::Cpu,
-        };
-        let dec_opts = DecoderOptions {
-            filter: FilterOptions { samples: cfg.model.samples, seed: cfg.model.seed },
-            backend,
-            ..Default::default()
-        };
-        let decoder =
-            if cfg.model.backend == "auto" { model.decoder(dec_opts) } else { model.try_decoder(dec_opts)? };
-        Ok((backend, decoder))
-    })();
-    let (backend, decoder) = match built {
-        Ok(x) => x,
-        Err(e) => {
-            stop.store(true, Ordering::Relaxed);
-            let _ = acq_thread.join();
-            return Err(e);
-        }
+    let dec_opts = match dec_opts {
+        Some(o) => o,
+        None => setup::decoder_options(cfg, &model)?,
     };
-    if !opts.quiet && matches!(model, AnyModel::Xfads(_)) {
-        eprintln!("decoding on the {backend}");
+    let decoder = setup::build_decoder(cfg, &model, dec_opts)?;
+    if let Some(r) = &recording {
+        if decoder.latents() > decode_tap.as_ref().map_or(0, |t| t.max_latents(channels, behavior_dims)) {
+            return Err(Error::Config {
+                path: cfg.path.clone(),
+                msg: format!(
+                    "[record] max_latents = {} is below the model's {} latents",
+                    cfg.record.max_latents,
+                    decoder.latents()
+                ),
+            });
+        }
+        let m = setup::store_model(&r.dir, 0, &bytes, &model, &origin)?;
+        let header = setup::header(cfg, behavior_dims, Some(m.clone()), setup::decoder_ref(cfg, dec_opts.backend));
+        let _ = r.tx.send(record::ToRecorder::Header(Box::new(header)));
+        let _ = r.tx.send(record::ToRecorder::Event(setup::decoder_event(0, &m, false)));
+    }
+    if !opts.quiet && matches!(model, crate::any_model::AnyModel::Xfads(_)) {
+        eprintln!("decoding on the {}", dec_opts.backend);
     }
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let bin_ns = (cfg.bin_seconds() * 1e9) as u64;
     let dec = decode::Decode {
         decoder,
         ring: ring_cons,
         free: free_prod,
         out,
         stats: stats_prod,
+        record: decode_tap,
         counters: counters.clone(),
         stop: stop.clone(),
-        spin: Duration::from_micros(cfg.pipeline.spin_us),
-        bin_ns: (cfg.bin_seconds() * 1e9) as u64,
+        waiter: wait::Waiter::new(Duration::from_micros(cfg.pipeline.spin_us), bin_ns),
+        bin_ns,
         stale_ns: (cfg.pipeline.stale_ms.unwrap_or(2.0 * cfg.bin_seconds() * 1e3) * 1e6) as u64,
         step: step::Step::new(cfg.pipeline.max_predict_gap),
         core: cfg.pipeline.decode_core,
         realtime: cfg.pipeline.realtime_priority,
         ready: ready_tx,
     };
-    let dec_thread = std::thread::Builder::new()
-        .name("ll-decode".into())
-        .spawn(move || dec.run())
-        .map_err(|e| Error::Invalid(format!("cannot start the decode thread: {e}")))?;
-    let _ = consumer.set(dec_thread.thread().clone());
+    let decode_thread = threads.start_decode(move || dec.run())?;
+    let _ = consumer.set(decode_thread);
     if let Ok(Err(e)) = ready_rx.recv() {
-        stop.store(true, Ordering::Relaxed);
-        let _ = dec_thread.join();
-        let _ = acq_thread.join();
         return Err(Error::Config { path: cfg.path.clone(), msg: e });
     }
 
     // Statistics until stopped.
-    let bin_ns = (cfg.bin_seconds() * 1e9) as u64;
     let mut st = Stats::new(bin_ns);
     let started = Instant::now();
-    let status = progress(0, opts.quiet, "{spinner} {msg}");
+    let status = crate::progress::bar(0, opts.quiet, "{spinner} {msg}");
     let (mut last_status, mut last_snapshot) = (Instant::now(), Instant::now());
     std::fs::create_dir_all(&reports).map_err(|e| Error::io(&reports, e))?;
     let snap_path = reports.join("snapshots.jsonl");
@@ -384,7 +272,14 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         while let Ok(line) = log_rx.try_recv() {
             status.suspend(|| eprintln!("{line}"));
         }
-        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| started.elapsed() >= d) {
+        let timed_out = deadline.is_some_and(|d| started.elapsed() >= d);
+        if stop.load(Ordering::Relaxed) || timed_out {
+            if let Some(r) = &recording {
+                let why = if timed_out { "--seconds elapsed" } else { "signal (Ctrl-C or SIGTERM)" };
+                let _ = r.tx.send(record::ToRecorder::Event(
+                    serde_json::json!({"kind": "stop", "t_ns": clock::monotonic_ns(), "reason": why}),
+                ));
+            }
             break;
         }
         if last_status.elapsed() >= Duration::from_millis(250) {
@@ -406,7 +301,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
             last_snapshot = Instant::now();
             let snap = serde_json::json!({
                 "t_seconds": started.elapsed().as_secs_f64(),
-                "counters": CounterSummary::read(&counters),
+                "counters": CounterSummary::read(&counters, recording.as_ref().map_or(0, |r| r.lost.load(Ordering::Relaxed))),
                 "behavior_r2": st.r2.value(),
                 "interval": st.take_interval(),
             });
@@ -416,15 +311,28 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    stop.store(true, Ordering::Relaxed);
     status.finish_and_clear();
     let decode_seconds = started.elapsed().as_secs_f64();
-    dec_thread.thread().unpark();
-    let _ = dec_thread.join();
-    let _ = acq_thread.join();
+    drop(threads.stop_realtime());
     while let Some(r) = stats_cons.try_pop() {
         st.record(&r);
     }
+    let lost = recording.as_ref().map_or(0, |r| r.lost.load(Ordering::Relaxed));
+    let counter_summary = CounterSummary::read(&counters, lost);
+    let written = threads.finish_recording(serde_json::json!({
+        "kind": "end",
+        "t_ns": clock::monotonic_ns(),
+        "decode_seconds": decode_seconds,
+        "counters": &counter_summary,
+    }));
+    let session_records = match written {
+        Some(Ok(w)) => Some(w.records),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            None
+        }
+        None => None,
+    };
 
     st.write_reports(&reports).map_err(|e| Error::io(&reports, e))?;
     let summary = RunSummary {
@@ -434,11 +342,13 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         output: cfg.output.endpoint.clone(),
         bin_ms: *cfg.source.bin_ms.get_ref(),
         decode_seconds,
-        counters: CounterSummary::read(&counters),
+        counters: counter_summary,
         deadline_misses: st.deadline_misses,
         behavior_r2: st.r2.value(),
         stages: st.summary(),
         reports: reports.display().to_string(),
+        session: recording.as_ref().map(|r| r.dir.display().to_string()),
+        session_records,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     std::fs::write(reports.join("summary.json"), json).map_err(|e| Error::io(&reports, e))?;

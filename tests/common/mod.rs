@@ -1,6 +1,8 @@
 //! Shared by the integration tests: finding a Python peer (numpy, pyzmq) and the binary.
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -358,11 +358,7 @@ pub fn train(data: &Dataset, o: &TrainOptions) -> Result<Trained> {
         Ok((f, Arc::new(m)))
     };
 
-    let bar = if o.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(o.epochs as u64) };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:25} epoch {pos}/{len} {msg} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress::bar(o.epochs as u64, o.quiet, "{bar:25} epoch {pos}/{len} {msg} [{elapsed}]");
     let started = Instant::now();
     let mut history = Vec::new();
     let (mut best_score, mut best_epoch, mut best_file) = (f64::NEG_INFINITY, 0usize, None::<ModelFile>);

@@ -5,19 +5,21 @@ pub mod openephys;
 pub mod sim;
 pub mod zmq_bins;
 
+use crate::pipeline::record::SourceEvent;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What a slot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The discriminants are the `kind` codes of the session's bin records.
 pub enum SlotKind {
     /// Counts for every channel.
-    Data,
+    Data = 0,
     /// A bin without data (the source said so): a predict-only step.
-    NoData,
+    NoData = 1,
     /// The message was refused (its reason was counted and logged by the source); its
     /// sequence number is known, so the bin is still answered, flagged.
-    Rejected,
+    Rejected = 2,
 }
 
 /// One bin travelling from the acquisition thread to the decode thread. Slots are allocated
@@ -37,6 +39,12 @@ pub struct BinSlot {
     /// Behaviour that came with the bin (calibration targets or simulator truth).
     pub behavior: Box<[f32]>,
     pub has_behavior: bool,
+    /// The LLBN flags the bin came with (sources that bin themselves set the stream-start
+    /// flag on their first bin), for the session record.
+    pub wire_flags: u16,
+    /// How the counts were sent: the LLBN dtype code, or `session::DTYPE_BINNED` for bins a
+    /// source made itself.
+    pub dtype: u8,
 }
 
 impl BinSlot {
@@ -51,6 +59,8 @@ impl BinSlot {
             counts: vec![0.0; channels].into_boxed_slice(),
             behavior: vec![0.0; behavior_dims].into_boxed_slice(),
             has_behavior: false,
+            wire_flags: 0,
+            dtype: crate::session::DTYPE_BINNED,
         }
     }
 }
@@ -206,6 +216,8 @@ impl std::fmt::Display for LogLine {
 pub struct RejectLog {
     tx: crossbeam_channel::Sender<LogLine>,
     logged: std::sync::Arc<AtomicU64>,
+    /// Every refusal and warning, for the session recording.
+    record: Option<crossbeam_channel::Sender<SourceEvent>>,
 }
 
 /// Messages logged in full; the rest only counted.
@@ -213,7 +225,17 @@ const LOGGED_REJECTS: u64 = 20;
 
 impl RejectLog {
     pub fn new(tx: crossbeam_channel::Sender<LogLine>) -> Self {
-        RejectLog { tx, logged: Default::default() }
+        RejectLog { tx, logged: Default::default(), record: None }
+    }
+    /// Also sends every refusal and warning (not only the first few) to the recorder.
+    pub fn recording(mut self, record: crossbeam_channel::Sender<SourceEvent>) -> Self {
+        self.record = Some(record);
+        self
+    }
+    fn to_record(&self, warning: bool, text: FixedText) {
+        if let Some(r) = &self.record {
+            let _ = r.try_send(SourceEvent { t_ns: crate::pipeline::clock::monotonic_ns(), warning, text });
+        }
     }
     /// Counts a refused message and returns its reason (for the bin's record); the first
     /// few are also sent to the terminal.
@@ -224,12 +246,14 @@ impl RejectLog {
         if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_REJECTS {
             let _ = self.tx.try_send(LogLine::Rejected(text));
         }
+        self.to_record(false, text);
         text
     }
     pub fn warn(&self, what: impl FnOnce(&mut FixedText) -> std::fmt::Result) {
         let mut text = FixedText::new();
         let _ = what(&mut text);
         let _ = self.tx.try_send(LogLine::Warning(text));
+        self.to_record(true, text);
     }
 }
 

@@ -436,6 +436,7 @@ impl Ready {
         slot.recv_ns = m.recv_ns;
         slot.kind = SlotKind::Data;
         slot.restart = m.restart;
+        slot.wire_flags = if m.restart { crate::wire::bin::FLAG_STREAM_START } else { 0 };
         slot.has_behavior = false;
         self.head = (self.head + 1) % self.cap;
         self.len -= 1;

@@ -60,6 +60,7 @@ impl Source for SimSource {
         slot.source_ts = self.seq;
         slot.kind = SlotKind::Data;
         slot.restart = self.seq == 0;
+        slot.wire_flags = if slot.restart { crate::wire::bin::FLAG_STREAM_START } else { 0 };
         slot.has_behavior = true;
         self.seq += 1;
         self.deadline = Some(deadline + self.bin_ns);

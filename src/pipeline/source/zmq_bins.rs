@@ -93,6 +93,7 @@ impl Source for ZmqBinSource {
                 slot.kind = if h.flags & FLAG_NO_DATA != 0 { SlotKind::NoData } else { SlotKind::Data };
                 slot.restart = h.flags & FLAG_STREAM_START != 0;
                 slot.has_behavior = h.behavior_dims > 0;
+                (slot.wire_flags, slot.dtype) = (h.flags, h.dtype as u8);
                 Next::Bin
             }
             Err(r) => {
@@ -112,6 +113,7 @@ impl Source for ZmqBinSource {
                         slot.kind = SlotKind::Rejected;
                         slot.restart = h.flags & FLAG_STREAM_START != 0;
                         slot.has_behavior = false;
+                        (slot.wire_flags, slot.dtype) = (h.flags, h.dtype as u8);
                         Next::Bin
                     }
                     None => Next::Idle,

@@ -1,0 +1,84 @@
+//! The threads of a run, owned by one guard that stops and joins them on every path: a
+//! normal stop, a failed set-up after some threads started, an error or a panic on the main
+//! thread. Order matters and lives here only: the real-time threads stop first (the stop
+//! flag, the decode thread unparked), then the recorder is told to finish, so that it has
+//! every record they made, and is joined last.
+
+use super::record::{RecordResult, ToRecorder};
+use crate::decoder::Decoder;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub struct Threads {
+    stop: Arc<AtomicBool>,
+    acquire: Option<JoinHandle<()>>,
+    decode: Option<JoinHandle<Box<dyn Decoder>>>,
+    recorder: Option<(crossbeam_channel::Sender<ToRecorder>, JoinHandle<RecordResult>)>,
+}
+
+fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> crate::Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| crate::Error::Invalid(format!("cannot start the {name} thread: {e}")))
+}
+
+impl Threads {
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
+        Threads { stop, acquire: None, decode: None, recorder: None }
+    }
+
+    pub fn start_recorder(
+        &mut self,
+        tx: crossbeam_channel::Sender<ToRecorder>,
+        f: impl FnOnce() -> RecordResult + Send + 'static,
+    ) -> crate::Result<()> {
+        self.recorder = Some((tx, spawn("ll-record", f)?));
+        Ok(())
+    }
+
+    pub fn start_acquire(&mut self, f: impl FnOnce() + Send + 'static) -> crate::Result<()> {
+        self.acquire = Some(spawn("ll-acquire", f)?);
+        Ok(())
+    }
+
+    /// Starts the decode thread; returns its handle's thread (the acquisition thread unparks it).
+    pub fn start_decode(
+        &mut self,
+        f: impl FnOnce() -> Box<dyn Decoder> + Send + 'static,
+    ) -> crate::Result<std::thread::Thread> {
+        let h = spawn("ll-decode", f)?;
+        let t = h.thread().clone();
+        self.decode = Some(h);
+        Ok(t)
+    }
+
+    /// Stops the acquisition and decode threads and joins them; returns the decoder.
+    pub fn stop_realtime(&mut self) -> Option<Box<dyn Decoder>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let decoder = self.decode.take().and_then(|h| {
+            h.thread().unpark();
+            h.join().ok()
+        });
+        if let Some(h) = self.acquire.take() {
+            let _ = h.join();
+        }
+        decoder
+    }
+
+    /// After [`Threads::stop_realtime`]: the recorder writes its end record with `summary`
+    /// and is joined. `None` when nothing was recorded.
+    pub fn finish_recording(&mut self, summary: serde_json::Value) -> Option<RecordResult> {
+        let (tx, h) = self.recorder.take()?;
+        let _ = tx.send(ToRecorder::Finish(summary));
+        Some(h.join().unwrap_or_else(|_| Err("the recorder thread panicked".into())))
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.stop_realtime();
+        self.finish_recording(serde_json::json!({"aborted": true}));
+    }
+}
