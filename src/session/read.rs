@@ -77,12 +77,14 @@ impl Session {
             return Err(bad(&hpath, format!("not a latentloop session header (format {})", raw["format"])));
         }
         match raw["version"].as_u64() {
-            Some(v) if v > VERSION as u64 => return Err(bad(
-                dir,
-                format!(
+            Some(v) if v > VERSION as u64 => {
+                return Err(bad(
+                    dir,
+                    format!(
                     "session format version {v} is newer than this latentloop reads ({VERSION}); upgrade latentloop"
                 ),
-            )),
+                ))
+            }
             Some(_) => {}
             None => return Err(bad(&hpath, "no format version")),
         }
@@ -286,4 +288,188 @@ fn read_payload(f: &mut std::fs::File, c: &ChunkAt, out: &mut Vec<u8>) -> std::r
         return Err(format!("decompressed to {} bytes, the frame says {}", out.len(), c.raw));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::write::SessionWriter;
+
+    fn header() -> Header {
+        Header {
+            format: FORMAT_NAME.into(),
+            version: VERSION,
+            latentloop_version: "test".into(),
+            git_commit: "unknown".into(),
+            created: "2026-12-03T00:00:00Z".into(),
+            created_monotonic_ns: 5,
+            clock: "test".into(),
+            config_path: "x.toml".into(),
+            config_text: String::new(),
+            source: "zmq".into(),
+            bin_ms: 1.0,
+            channels: 3,
+            behavior_dims: 1,
+            model: None,
+            decoder: DecoderRef {
+                seed: 1,
+                samples: None,
+                kalman_mode: "exact".into(),
+                backend: "cpu".into(),
+                max_predict_gap: 50,
+            },
+            description: "test".into(),
+            subject: None,
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    /// A session of `chunks` bins chunks of 40 records each (shape 3/1/2, then 3/1/4 for the
+    /// last), events between them; `end` writes the end chunk.
+    fn write(dir: &Path, chunks: usize, end: bool) {
+        let (mut w, _) = SessionWriter::create(dir, &header()).unwrap();
+        for c in 0..chunks {
+            let latents = if c + 1 == chunks { 4 } else { 2 };
+            let shape = Shape { channels: 3, behavior_dims: 1, latents };
+            for k in 0..40u64 {
+                let seq = c as u64 * 40 + k;
+                let f = BinFields { seq, recv_ns: 10 * seq, kl: seq as f32 / 8.0, decision: 0, ..Default::default() };
+                let counts = [seq as f32, 1.0, 2.0];
+                let lat: Vec<f32> = (0..latents).map(|i| i as f32 + 0.5).collect();
+                let a = BinArrays {
+                    counts: &counts,
+                    behavior_in: &[0.25],
+                    behavior_out: &[-1.0],
+                    latent: &lat,
+                    lag1: &lat,
+                };
+                w.bin(&f, shape, &a).unwrap();
+            }
+            w.event(serde_json::json!({"kind": "test", "chunk": c}));
+            w.flush().unwrap();
+        }
+        if end {
+            w.finish(serde_json::json!({"kind": "end"})).unwrap();
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ll-session-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn what_was_written_reads_back() {
+        let dir = tmp("roundtrip");
+        write(&dir, 3, true);
+        let s = Session::open(&dir).unwrap();
+        assert!(s.clean(), "{}", s.status());
+        assert_eq!((s.bins, s.events_of("test").count()), (120, 3));
+        let bins = s.all_bins().unwrap();
+        for (k, b) in bins.iter().enumerate() {
+            assert_eq!((b.fields.index, b.fields.seq, b.fields.recv_ns), (k as u64, k as u64, 10 * k as u64));
+            assert_eq!(b.fields.kl, k as f32 / 8.0);
+            let a = b.arrays();
+            assert_eq!(
+                (a.counts, a.behavior_in, a.behavior_out),
+                (&[k as f32, 1.0, 2.0][..], &[0.25][..], &[-1.0][..])
+            );
+            assert_eq!(a.latent.len(), if k >= 80 { 4 } else { 2 });
+        }
+        // Events name the record they came before.
+        assert_eq!(s.events_of("test").map(|e| e["record"].as_u64().unwrap()).collect::<Vec<_>>(), [40, 80, 120]);
+        assert_eq!(Session::open(&dir).unwrap().header, header());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cut_or_damaged_stream_is_read_up_to_the_damage_and_says_where() {
+        let dir = tmp("damage");
+        write(&dir, 3, true);
+        let path = dir.join(RECORDS_FILE);
+        let full = std::fs::read(&path).unwrap();
+        let chunk_starts: Vec<usize> = {
+            let mut v = Vec::new();
+            let mut at = FILE_HEADER;
+            while at < full.len() {
+                v.push(at);
+                at += CHUNK_HEADER + u32::from_le_bytes(full[at + 8..at + 12].try_into().unwrap()) as usize;
+            }
+            v
+        };
+        // Chunks: bins, events, bins, events, bins, events, end.
+        assert_eq!(chunk_starts.len(), 7);
+
+        // Cut inside the third bins chunk's payload (as kill -9 mid-write would).
+        std::fs::write(&path, &full[..chunk_starts[4] + 30]).unwrap();
+        let s = Session::open(&dir).unwrap();
+        assert_eq!(s.bins, 80);
+        assert!(!s.clean());
+        let st = s.status();
+        assert!(st.contains("recovered 80 bins") && st.contains("did not end cleanly"), "{st}");
+        assert!(st.contains(&format!("chunk 4 at byte {}", chunk_starts[4])) && st.contains("cut off"), "{st}");
+
+        // Cut inside a frame.
+        std::fs::write(&path, &full[..chunk_starts[2] + 10]).unwrap();
+        let s = Session::open(&dir).unwrap();
+        assert_eq!(s.bins, 40);
+        assert!(s.status().contains("cut off inside its header"), "{}", s.status());
+
+        // A flipped byte in the second bins chunk's payload; and in a frame.
+        let mut bad = full.clone();
+        bad[chunk_starts[2] + CHUNK_HEADER + 5] ^= 0x40;
+        std::fs::write(&path, &bad).unwrap();
+        let s = Session::open(&dir).unwrap();
+        assert_eq!(s.bins, 40);
+        assert!(s.status().contains("chunk 2") && s.status().contains("payload is damaged"), "{}", s.status());
+        let mut bad = full.clone();
+        bad[chunk_starts[1] + 9] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let s = Session::open(&dir).unwrap();
+        assert!(s.status().contains("chunk 1") && s.status().contains("frame is damaged"), "{}", s.status());
+        assert_eq!(s.bins, 40);
+        // Streaming the bins stops where the scan stopped.
+        assert_eq!(s.all_bins().unwrap().len(), 40);
+
+        // No end chunk: read in full, not clean.
+        std::fs::write(&path, &full[..*chunk_starts.last().unwrap()]).unwrap();
+        let s = Session::open(&dir).unwrap();
+        assert_eq!((s.bins, s.damage.is_none(), s.clean()), (120, true, false));
+        assert!(s.status().contains("no end record"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn newer_formats_and_other_folders_are_refused_by_name() {
+        let dir = tmp("version");
+        write(&dir, 1, true);
+        let path = dir.join(RECORDS_FILE);
+        let mut b = std::fs::read(&path).unwrap();
+        b[8] = 2;
+        std::fs::write(&path, &b).unwrap();
+        let e = Session::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("session format version 2 is newer than this latentloop reads (1)"), "{e}");
+        let h = dir.join(HEADER_FILE);
+        let text = std::fs::read_to_string(&h).unwrap().replace("\"version\": 1", "\"version\": 7");
+        std::fs::write(&h, text).unwrap();
+        let e = Session::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("session format version 7 is newer"), "{e}");
+        let e = Session::open(dir.join("nope")).unwrap_err().to_string();
+        assert!(e.contains("not a session folder"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_existing_session_is_moved_aside_not_overwritten() {
+        let dir = tmp("aside");
+        write(&dir, 1, true);
+        let (_w, note) = SessionWriter::create(&dir, &header()).unwrap();
+        let note = note.expect("a note");
+        let moved = dir.with_file_name(format!("{}-2026-12-03T00-00-00Z", dir.file_name().unwrap().to_string_lossy()));
+        assert!(note.contains(&moved.display().to_string()), "{note}");
+        assert_eq!(Session::open(&moved).unwrap().bins, 40);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&moved);
+    }
 }
