@@ -77,6 +77,41 @@ impl AnyModel {
         }
     }
 
+    /// The same model with `channels` treated as missing in the update from the next bin
+    /// (see [`crate::model::Observation::masked`] and [`crate::kalman::KalmanParams::masked`]);
+    /// an empty list gives the model back unmasked. Refuses channels out of range or repeated.
+    pub fn masked(&self, channels: &[usize]) -> Result<AnyModel, String> {
+        let n = self.channels();
+        let mut seen = vec![false; n];
+        for &j in channels {
+            if j >= n {
+                return Err(format!("channel {j} is out of range: the model reads channels 0..{n}"));
+            }
+            if std::mem::replace(&mut seen[j], true) {
+                return Err(format!("channel {j} is listed twice"));
+            }
+        }
+        if channels.len() == n {
+            return Err(format!("all {n} channels masked: nothing would be decoded"));
+        }
+        Ok(match self {
+            AnyModel::Xfads(m) => {
+                let mut m = (**m).clone();
+                m.observation = m.observation.masked(channels);
+                AnyModel::Xfads(Arc::new(m))
+            }
+            AnyModel::Kalman(m) => AnyModel::Kalman(Arc::new(KalmanModel::new(m.params.masked(channels)?)?)),
+        })
+    }
+
+    /// The bin width the model was made for, in seconds.
+    pub fn dt(&self) -> f32 {
+        match self {
+            AnyModel::Xfads(m) => m.card.dt,
+            AnyModel::Kalman(m) => m.params.dt,
+        }
+    }
+
     /// One line for logs.
     pub fn describe(&self) -> String {
         match self {

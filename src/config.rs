@@ -23,6 +23,8 @@ pub struct RigConfig {
     pub reports: ReportsConfig,
     #[serde(default)]
     pub record: RecordConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
     /// The file this came from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -251,6 +253,33 @@ impl Default for RecordConfig {
     }
 }
 
+/// `[control]`: the control socket (docs/CONTROL.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// On unless set false.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// ZeroMQ REP endpoint. Default: `ipc://<reports dir>/control.sock` (tcp on 127.0.0.1
+    /// with a free port where that path is too long for a unix socket). A tcp endpoint on
+    /// another interface than loopback needs `allow_remote = true`.
+    pub endpoint: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Seconds of received bins kept for `calibrate` and adaptation (at most 600,000 bins).
+    #[serde(default = "history_seconds")]
+    pub history_seconds: f64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { enabled: true, endpoint: None, allow_remote: false, history_seconds: history_seconds() }
+    }
+}
+
+fn history_seconds() -> f64 {
+    120.0
+}
 fn yes() -> bool {
     true
 }
@@ -427,6 +456,21 @@ impl RigConfig {
                     msg: format!("[pipeline] realtime_priority = {p}: SCHED_FIFO priorities are 1..=99"),
                 });
             }
+        }
+        if let Some(ep) = &self.control.endpoint {
+            let e = ep.get_ref();
+            let local = e.starts_with("ipc://")
+                || e.starts_with("inproc://")
+                || ["tcp://127.0.0.1:", "tcp://localhost:", "tcp://[::1]:"].iter().any(|p| e.starts_with(p));
+            if !local && !self.control.allow_remote {
+                return Err(self.error_at(
+                    ep.span(),
+                    format!("control endpoint {e} is not on this machine: use ipc:// or tcp://127.0.0.1, or set [control] allow_remote = true"),
+                ));
+            }
+        }
+        if !(self.control.history_seconds > 0.0 && self.control.history_seconds.is_finite()) {
+            return Err(Error::Config { path: self.path.clone(), msg: "[control] history_seconds must be > 0".into() });
         }
         if self.record.ring_capacity < 16 {
             return Err(Error::Config { path: self.path.clone(), msg: "[record] ring_capacity must be >= 16".into() });

@@ -92,11 +92,19 @@ impl ReplayReport {
     }
 }
 
-/// A change applied at a record: the decoder it installs.
-struct DecoderChange {
-    file: String,
-    sha256: String,
-    carry: bool,
+/// A change applied at a record.
+enum Change {
+    /// A decoder from a stored model file, masked, carrying the state over where it can.
+    Decoder {
+        file: String,
+        sha256: String,
+        carry: bool,
+        mask: Vec<usize>,
+    },
+    Reset,
+    Pause(bool),
+    /// An event mark: nothing to do.
+    Mark,
 }
 
 /// The replayed outputs (for --out).
@@ -145,12 +153,28 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport> {
     };
 
     // The changes, by id, and where each was applied.
-    let mut changes: HashMap<u64, DecoderChange> = HashMap::new();
+    let mut changes: HashMap<u64, Change> = HashMap::new();
     for e in session.events_of("decoder") {
         let (Some(id), Some(file), Some(sha)) = (e["change"].as_u64(), e["file"].as_str(), e["sha256"].as_str()) else {
             return Err(Error::data(dir, format!("a decoder event without change, file or sha256: {e}")));
         };
-        changes.insert(id, DecoderChange { file: file.into(), sha256: sha.into(), carry: e["carry_state"] == true });
+        let mask = e["mask"]
+            .as_array()
+            .map_or(Vec::new(), |a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect());
+        changes.insert(
+            id,
+            Change::Decoder { file: file.into(), sha256: sha.into(), carry: e["carry_state"] == true, mask },
+        );
+    }
+    for e in session.events_of("change") {
+        let Some(id) = e["change"].as_u64() else { continue };
+        let c = match e["cmd"].as_str() {
+            Some("reset") => Change::Reset,
+            Some("pause") => Change::Pause(true),
+            Some("resume") => Change::Pause(false),
+            _ => Change::Mark,
+        };
+        changes.insert(id, c);
     }
     let mut applied: Vec<(u64, u64)> =
         session.events_of("applied").filter_map(|e| Some((e["record"].as_u64()?, e["change"].as_u64()?))).collect();
@@ -158,25 +182,25 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport> {
     let mut applied = applied.into_iter().peekable();
 
     let mut loaded: HashMap<String, AnyModel> = HashMap::new();
-    let mut load = |c: &DecoderChange| -> Result<AnyModel> {
+    let mut load = |file: &str, sha256: &str| -> Result<AnyModel> {
         if let Some(m) = &other {
             return Ok(m.clone());
         }
-        if let Some(m) = loaded.get(&c.file) {
+        if let Some(m) = loaded.get(file) {
             return Ok(m.clone());
         }
-        let path = session.path_of(&c.file);
+        let path = session.path_of(file);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let sha = crate::session::sha256_hex(&bytes);
-        if sha != c.sha256 {
+        if sha != sha256 {
             return Err(Error::data(
                 &path,
-                format!("SHA-256 {sha} is not the recorded {}: the model file changed", c.sha256),
+                format!("SHA-256 {sha} is not the recorded {sha256}: the model file changed"),
             ));
         }
         let f = crate::model::ModelFile::from_bytes(&bytes).map_err(|m| Error::model(&path, m))?;
         let m = AnyModel::from_model_file(&f).map_err(|m| Error::model(&path, m))?;
-        loaded.insert(c.file.clone(), m.clone());
+        loaded.insert(file.to_string(), m.clone());
         Ok(m)
     };
 
@@ -212,14 +236,23 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport> {
                 let c = changes
                     .get(&id)
                     .ok_or_else(|| Error::data(dir, format!("change {id} was applied but never defined")))?;
-                let model = load(c)?;
-                let mut fresh = model.try_decoder(dec_opts)?;
-                if c.carry {
-                    if let Some(old) = &decoder {
-                        fresh.carry_state_from(&**old);
+                match c {
+                    Change::Decoder { file, sha256, carry, mask } => {
+                        let model = load(file, sha256)?.masked(mask).map_err(|m| Error::data(dir, m))?;
+                        let mut fresh = model.try_decoder(dec_opts)?;
+                        // As the decode thread does (pipeline/decode.rs, apply_changes): a swap
+                        // that cannot carry the state over starts from the prior, RESET.
+                        if let Some(old) = &decoder {
+                            if !(*carry && fresh.carry_state_from(&**old)) {
+                                step.request_reset();
+                            }
+                        }
+                        decoder = Some(fresh);
                     }
+                    Change::Reset => step.request_reset(),
+                    Change::Pause(on) => step.set_paused(*on),
+                    Change::Mark => {}
                 }
-                decoder = Some(fresh);
             }
             let Some(decision) = rec.decision() else { continue };
             if !decision.stepped() {

@@ -582,3 +582,40 @@ fn riccati_that_does_not_converge_is_an_error() {
     let e = KalmanModel::with_steady_options(p, &SteadyOptions { tol: 1e-10, max_iter: 200 }).unwrap_err();
     assert!(e.contains("did not converge in 200 iterations"), "{e}");
 }
+
+/// A mask drops the channels' rows exactly: the masked decoder (N channels read, two of them
+/// masked) decodes like the decoder built without those channels on the data without them,
+/// in both modes, whatever the masked channels carry.
+#[test]
+fn a_masked_decoder_equals_the_decoder_without_those_channels() {
+    let tr = truth();
+    let params = true_params(&tr);
+    let (y, _) = simulate(&tr, 300, 0, 21);
+    let drop = [1usize, 4];
+    let keep: Vec<usize> = (0..N).filter(|j| !drop.contains(j)).collect();
+    let n = params.states();
+    let mut reduced = params.clone();
+    reduced.channels = keep.len();
+    reduced.c = keep.iter().flat_map(|&j| params.c[j * n..(j + 1) * n].to_vec()).collect();
+    reduced.q =
+        keep.iter().flat_map(|&i| keep.iter().map(move |&j| (i, j))).map(|(i, j)| params.q[i * N + j]).collect();
+    let masked = KalmanModel::new(params.masked(&drop).unwrap()).unwrap();
+    let reduced = KalmanModel::new(reduced).unwrap();
+    for mode in [KalmanMode::Exact, KalmanMode::SteadyState] {
+        let mut a = KalmanFilter::new(Arc::new(masked.clone()), mode);
+        let mut b = KalmanFilter::new(Arc::new(reduced.clone()), mode);
+        for t in 0..300 {
+            let mut full = y.row(t).to_vec();
+            // Whatever the dropped channels say must not matter.
+            full[1] = 1e3 * (t % 7) as f32;
+            full[4] = -5.0;
+            let part: Vec<f32> = keep.iter().map(|&j| y.row(t)[j]).collect();
+            a.step(Some(&full)).unwrap();
+            b.step(Some(&part)).unwrap();
+            for (x, z) in a.mean().iter().chain(a.lag1_mean()).zip(b.mean().iter().chain(b.lag1_mean())) {
+                assert!((x - z).abs() <= 1e-4 * z.abs().max(1.0), "{mode:?} bin {t}: {:?} vs {:?}", a.mean(), b.mean());
+            }
+        }
+    }
+    assert!(params.masked(&[N]).unwrap_err().contains("out of range"));
+}

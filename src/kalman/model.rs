@@ -123,6 +123,27 @@ fn info_update(pp: &DMatrix<f64>, g: &DMatrix<f64>) -> Option<DMatrix<f64>> {
 }
 
 impl KalmanParams {
+    /// The same decoder with `channels` treated as missing: their rows of C are 0 and their
+    /// rows and columns of Q are those of an independent unit noise, so that C^T Q^-1 has
+    /// zero columns for them and C^T Q^-1 C is the sum over the other channels alone: exactly
+    /// the decoder with those rows dropped, still reading N channels.
+    pub fn masked(&self, channels: &[usize]) -> Result<KalmanParams, String> {
+        let (nc, n) = (self.channels, self.states());
+        let mut p = self.clone();
+        for &j in channels {
+            if j >= nc {
+                return Err(format!("channel {j} is out of range (the decoder reads {nc})"));
+            }
+            p.c[j * n..(j + 1) * n].fill(0.0);
+            for k in 0..nc {
+                p.q[j * nc + k] = 0.0;
+                p.q[k * nc + j] = 0.0;
+            }
+            p.q[j * nc + j] = 1.0;
+        }
+        Ok(p)
+    }
+
     /// n = D + 1.
     pub fn states(&self) -> usize {
         self.behavior_dims + 1

@@ -147,6 +147,42 @@ impl Observation {
         })
     }
 
+    /// The same update with `channels` treated as missing. The Gaussian and Poisson-Laplace
+    /// updates drop their rows (a zero row of C contributes nothing to k and K: exactly the
+    /// update without those channels). A learned encoder cannot drop an input, so it sees 0
+    /// counts there (zero-fill; the cost is documented in docs/CONTROL.md: a silent channel
+    /// still means something to the encoder, biasing the potential where that channel
+    /// usually fires).
+    pub fn masked(&self, channels: &[usize]) -> Observation {
+        let mut o = self.clone();
+        match &mut o {
+            Observation::Encoder { he, w1t, .. } => {
+                for &j in channels {
+                    w1t[j * *he..(j + 1) * *he].fill(0.0);
+                }
+            }
+            Observation::Gaussian { c, b, kfix, .. } => {
+                let (n, l) = (b.len(), c.len() / b.len().max(1));
+                for &j in channels {
+                    c[j * l..(j + 1) * l].fill(0.0);
+                    for i in 0..l {
+                        kfix[i * n + j] = 0.0;
+                    }
+                }
+            }
+            Observation::PoissonLaplace { lr, c, ct, b, .. } => {
+                let (n, lr) = (b.len(), *lr);
+                for &j in channels {
+                    c[j * lr..(j + 1) * lr].fill(0.0);
+                    for i in 0..lr {
+                        ct[i * n + j] = 0.0;
+                    }
+                }
+            }
+        }
+        o
+    }
+
     /// r, the number of columns of K.
     pub fn rank(&self) -> usize {
         match self {

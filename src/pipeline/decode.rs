@@ -20,6 +20,7 @@
 //! socket's and, while no bin is due, a timed park: it sleeps until shortly before the next
 //! bin is due, then spins ([`Waiter`]).
 
+use super::changes::{Applied, Inbox, What};
 use super::clock::monotonic_ns;
 use super::record::{Published, RecordTap};
 use super::source::{BinSlot, Counters};
@@ -42,6 +43,10 @@ pub struct Decode {
     pub stats: HeapProd<TimingRecord>,
     /// Every bin and what became of it, to the recorder thread (None: not recording).
     pub record: Option<RecordTap>,
+    /// Changes from the control thread, applied between bins (None: no control socket).
+    pub changes: Option<Inbox>,
+    /// Every decoded bin to the control thread too (calibrate, adaptation).
+    pub feed: Option<RecordTap>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
     pub waiter: Waiter,
@@ -116,6 +121,35 @@ fn catch_up(
 }
 
 impl Decode {
+    /// Applies the control thread's changes (between bins): a decoder swapped in (its state
+    /// carried over where it can be, else it starts from its prior with RESET), a reset at
+    /// the next bin, pause, a mark. Each goes into the session at this place, and what it
+    /// replaced goes back to the control thread to be freed there.
+    fn apply_changes(&mut self, msg: &mut Box<[u8]>) {
+        let Some(inbox) = self.changes.as_mut() else { return };
+        while let Some(change) = inbox.take() {
+            let mut report = Applied { id: change.id, after_seq: self.step.last_seq(), carried: false, replaced: None };
+            match change.what {
+                What::Decoder { mut decoder, msg: mut buffer, carry } => {
+                    report.carried = carry && decoder.carry_state_from(&*self.decoder);
+                    if !report.carried {
+                        self.step.request_reset();
+                    }
+                    std::mem::swap(&mut self.decoder, &mut decoder);
+                    std::mem::swap(msg, &mut buffer);
+                    report.replaced = Some((decoder, buffer));
+                }
+                What::Reset => self.step.request_reset(),
+                What::Pause(on) => self.step.set_paused(on),
+                What::Mark => {}
+            }
+            if let Some(r) = self.record.as_mut() {
+                r.applied(change.id);
+            }
+            inbox.report(report);
+        }
+    }
+
     pub fn run(mut self) -> Box<dyn Decoder> {
         if let Some(core) = self.core {
             if let Err(e) = super::clock::pin_current_thread(core) {
@@ -132,7 +166,7 @@ impl Decode {
             return self.decoder;
         }
         let (d, l) = (self.decoder.behavior_dims(), self.decoder.latents());
-        let mut msg = vec![0u8; output::len(d, l)];
+        let mut msg = vec![0u8; output::len(d, l)].into_boxed_slice();
         let mut expected_ns: Option<u64> = None;
         let c = self.counters.clone();
         // The decoder the session starts with is change 0, applied before the first bin.
@@ -140,11 +174,20 @@ impl Decode {
             r.applied(0);
         }
         loop {
+            self.apply_changes(&mut msg);
             let t0 = monotonic_ns();
             self.decoder.predict(); // the next bin's prediction, before it arrives
             let predict_ns = monotonic_ns() - t0;
-            let ring = &mut self.ring;
-            let Some(mut slot) = self.waiter.wait(expected_ns, &self.stop, || ring.try_pop()) else { break };
+            let (ring, inbox) = (&mut self.ring, &self.changes);
+            let got = self.waiter.wait(expected_ns, &self.stop, || match ring.try_pop() {
+                Some(s) => Some(Some(s)),
+                None => inbox.as_ref().is_some_and(Inbox::pending).then_some(None),
+            });
+            let mut slot = match got {
+                None => break,
+                Some(None) => continue, // a change: applied before anything else
+                Some(Some(s)) => s,
+            };
             let now = monotonic_ns();
             let stale_ns = self.stale_ns;
             let is_stale = |b: &BinSlot| now.saturating_sub(b.recv_ns) > stale_ns;
@@ -172,6 +215,7 @@ impl Decode {
             let step_ns = monotonic_ns();
 
             let dec = &*self.decoder;
+            let d = dec.behavior_dims();
             output::encode(&header, dec.behavior(), dec.mean(), dec.lag1_mean(), &mut msg);
             let publish_ns = monotonic_ns();
             output::set_publish_ns(&mut msg, publish_ns);
@@ -203,18 +247,18 @@ impl Decode {
             if self.stats.try_push(rec).is_err() {
                 Counters::add(&c.stats_dropped, 1);
             }
-            if let Some(r) = self.record.as_mut() {
-                let header = OutputHeader { publish_ns, ..header };
-                let p = Published {
-                    header: &header,
-                    behavior: dec.behavior(),
-                    latent: dec.mean(),
-                    lag1: dec.lag1_mean(),
-                    step_ns,
-                    publish_ns,
-                    output_dropped,
-                };
-                r.bin(&slot, Decision::Decoded, caught.skipped, pop_ns, Some(&p));
+            let header = OutputHeader { publish_ns, ..header };
+            let p = Published {
+                header: &header,
+                behavior: dec.behavior(),
+                latent: dec.mean(),
+                lag1: dec.lag1_mean(),
+                step_ns,
+                publish_ns,
+                output_dropped,
+            };
+            for tap in [self.record.as_mut(), self.feed.as_mut()].into_iter().flatten() {
+                tap.bin(&slot, Decision::Decoded, caught.skipped, pop_ns, Some(&p));
             }
             expected_ns = Some(slot.recv_ns + self.bin_ns);
             give_back(&mut self.free, slot);

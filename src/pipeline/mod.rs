@@ -16,7 +16,9 @@
 
 pub mod acquire;
 pub mod calibrate;
+pub mod changes;
 pub mod clock;
+pub mod control;
 pub mod decode;
 pub mod hot_path;
 pub mod jitter;
@@ -107,6 +109,8 @@ pub struct RunSummary {
     pub session: Option<String>,
     /// Bin records written to it.
     pub session_records: Option<u64>,
+    /// The control socket's endpoint (None: control was off).
+    pub control: Option<String>,
 }
 
 pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
@@ -139,6 +143,25 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         );
     }
     let out = setup::output_socket(cfg, &ctx)?;
+    let reports = cfg.resolve(&cfg.reports.dir);
+    let control_sock = match cfg.control.enabled {
+        true => {
+            std::fs::create_dir_all(&reports).map_err(|e| Error::io(&reports, e))?;
+            let ep = cfg
+                .control
+                .endpoint
+                .as_ref()
+                .map_or_else(|| control::default_endpoint(&reports), |e| e.get_ref().clone());
+            let (sock, bound) = control::bind(&ctx, &ep)?;
+            let file = reports.join("control.endpoint");
+            std::fs::write(&file, format!("{bound}\n")).map_err(|e| Error::io(&file, e))?;
+            if !opts.quiet {
+                eprintln!("control socket: {bound}");
+            }
+            Some((sock, bound))
+        }
+        false => None,
+    };
     if session.is_none() && !opts.quiet {
         eprintln!("note: [record] enabled = false: this session is not recorded");
     }
@@ -180,7 +203,6 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     threads.start_acquire(move || drop(acq.run()))?;
 
-    let reports = cfg.resolve(&cfg.reports.dir);
     let rec_tx = recording.as_ref().map(|r| r.tx.clone());
     let (model, bytes, origin) = match loaded {
         Some((m, b)) => (m, b, cfg.model_path().map_or(String::new(), |p| p.display().to_string())),
@@ -212,6 +234,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         None => setup::decoder_options(cfg, &model)?,
     };
     let decoder = setup::build_decoder(cfg, &model, dec_opts)?;
+    let mut model_ref = None;
     if let Some(r) = &recording {
         if decoder.latents() > decode_tap.as_ref().map_or(0, |t| t.max_latents(channels, behavior_dims)) {
             return Err(Error::Config {
@@ -227,9 +250,52 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         let header = setup::header(cfg, behavior_dims, Some(m.clone()), setup::decoder_ref(cfg, dec_opts.backend));
         let _ = r.tx.send(record::ToRecorder::Header(Box::new(header)));
         let _ = r.tx.send(record::ToRecorder::Event(setup::decoder_event(0, &m, false)));
+        model_ref = Some(m);
     }
     if !opts.quiet && matches!(model, crate::any_model::AnyModel::Xfads(_)) {
         eprintln!("decoding on the {}", dec_opts.backend);
+    }
+    // The control thread, with its ends of the change hand-off and of the decoded-bin feed.
+    let live = Arc::new(std::sync::Mutex::new(control::LiveStatus::default()));
+    let (mut changes, mut feed) = (None, None);
+    let control_endpoint = control_sock.as_ref().map(|(_, b)| b.clone());
+    if let Some((sock, bound)) = control_sock {
+        let (outbox, inbox) = changes::channel();
+        let max_latents = cfg.record.max_latents.max(decoder.latents());
+        let floats = channels + 2 * behavior_dims + 2 * max_latents;
+        let history_bins = ((cfg.control.history_seconds / cfg.bin_seconds()) as usize).min(600_000);
+        let (tap, end) =
+            record::tap(history_bins.clamp(64, 8192), floats, Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let file = crate::model::ModelFile::from_bytes(&bytes).map_err(Error::Invalid)?;
+        let setup = control::ControlSetup {
+            endpoint: bound,
+            outbox,
+            feed: Some(end),
+            counters: counters.clone(),
+            live: live.clone(),
+            stop: stop.clone(),
+            record: recording.as_ref().map(|r| r.tx.clone()),
+            session_dir: recording.as_ref().map(|r| r.dir.clone()),
+            current: control::Current {
+                describe: model.describe(),
+                sha256: crate::session::sha256_hex(&bytes),
+                origin: origin.clone(),
+                model_ref: model_ref.clone(),
+                model: model.clone(),
+                file,
+            },
+            dec_opts,
+            channels,
+            behavior_dims,
+            bin_seconds: cfg.bin_seconds(),
+            max_latents,
+            history_bins,
+            calibration_ridge: cfg.calibration.ridge,
+            quiet: opts.quiet,
+        };
+        let ctl = control::Control::new(sock, setup);
+        threads.start_control(move || ctl.run())?;
+        (changes, feed) = (Some(inbox), Some(tap));
     }
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let bin_ns = (cfg.bin_seconds() * 1e9) as u64;
@@ -240,6 +306,8 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         out,
         stats: stats_prod,
         record: decode_tap,
+        changes,
+        feed,
         counters: counters.clone(),
         stop: stop.clone(),
         waiter: wait::Waiter::new(Duration::from_micros(cfg.pipeline.spin_us), bin_ns),
@@ -284,6 +352,12 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         if last_status.elapsed() >= Duration::from_millis(250) {
             last_status = Instant::now();
+            if let Ok(mut l) = live.lock() {
+                let stages = st.summary();
+                l.receive_to_publish = stages.into_iter().find(|x| x.stage == "receive_to_publish");
+                l.behavior_r2 = st.r2.value();
+                l.decode_seconds = started.elapsed().as_secs_f64();
+            }
             let (p50, p99) = st.e2e_us();
             let r2 = st.r2.value().map_or("-".into(), |v| format!("{v:.3}"));
             let g = |c| Counters::get(c);
@@ -349,6 +423,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         reports: reports.display().to_string(),
         session: recording.as_ref().map(|r| r.dir.display().to_string()),
         session_records,
+        control: control_endpoint,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     std::fs::write(reports.join("summary.json"), json).map_err(|e| Error::io(&reports, e))?;

@@ -50,7 +50,7 @@ impl RecordSlot {
         r
     }
 
-    fn arrays(&self) -> BinArrays<'_> {
+    pub fn arrays(&self) -> BinArrays<'_> {
         let s = self.shape;
         let (c, rest) = self.values.split_at(s.channels);
         let (bi, rest) = rest.split_at(s.behavior_dims);
@@ -190,15 +190,29 @@ impl RecordTap {
     }
 }
 
-/// The recorder's end of a ring pair.
-struct TapEnd {
+/// The draining end of a ring pair (the recorder's, or the control thread's feed).
+pub struct TapEnd {
     ring: HeapCons<RecordSlot>,
     free: HeapProd<RecordSlot>,
 }
 
+impl TapEnd {
+    /// Hands every waiting record to `f` and returns its slot; the number handled.
+    pub fn drain(&mut self, mut f: impl FnMut(&RecordSlot)) -> usize {
+        let mut n = 0;
+        while let Some(r) = self.ring.try_pop() {
+            f(&r);
+            let back = self.free.try_push(r);
+            debug_assert!(back.is_ok(), "the free ring holds every slot");
+            n += 1;
+        }
+        n
+    }
+}
+
 /// A ring pair of `slots` records of `capacity` floats each: the tap for a real-time thread
-/// and the end the recorder drains.
-fn tap(slots: usize, capacity: usize, lost_total: Arc<AtomicU64>) -> (RecordTap, TapEnd) {
+/// and the end that drains it.
+pub fn tap(slots: usize, capacity: usize, lost_total: Arc<AtomicU64>) -> (RecordTap, TapEnd) {
     let (ring_p, ring_c) = HeapRb::<RecordSlot>::new(slots).split();
     let (mut free_p, free_c) = HeapRb::<RecordSlot>::new(slots).split();
     for _ in 0..slots {
@@ -280,7 +294,7 @@ impl Recorder {
             while let Ok(m) = self.rx.try_recv() {
                 match m {
                     ToRecorder::Event(e) => self.writer.event(e),
-                    ToRecorder::Bin(r) => self.write(&r).map_err(failed)?,
+                    ToRecorder::Bin(r) => write_record(&mut self.writer, &r).map_err(failed)?,
                     ToRecorder::Header(h) => self.writer.update_header(&h).map_err(|e| e.to_string())?,
                     ToRecorder::Finish(summary) => finish = Some(summary),
                 }
@@ -291,13 +305,14 @@ impl Recorder {
             }
             let mut any = false;
             for k in 0..self.ends.len() {
-                while let Some(r) = self.ends[k].ring.try_pop() {
-                    any = true;
-                    let res = self.write(&r);
-                    let back = self.ends[k].free.try_push(r);
-                    debug_assert!(back.is_ok(), "the free ring holds every slot");
-                    res.map_err(failed)?;
-                }
+                let mut res = Ok(());
+                let writer = &mut self.writer;
+                any |= self.ends[k].drain(|r| {
+                    if res.is_ok() {
+                        res = write_record(writer, r);
+                    }
+                }) > 0;
+                res.map_err(failed)?;
             }
             if let Some(summary) = finish {
                 // The senders have stopped (run joins them first): nothing more can come.
@@ -309,20 +324,22 @@ impl Recorder {
             }
         }
     }
+}
 
-    fn write(&mut self, r: &RecordSlot) -> std::io::Result<()> {
-        if let Some(id) = r.applied {
-            self.writer.event(serde_json::json!({"kind": "applied", "change": id, "t_ns": monotonic_ns()}));
-            return Ok(());
-        }
-        let f = &r.fields;
-        if f.records_lost_before > 0 {
-            self.writer.event(serde_json::json!({"kind": "record_gap", "lost": f.records_lost_before}));
-        }
-        let index = self.writer.bin(f, r.shape, &r.arrays())?;
-        if f.out_flags & FLAG_RESTART != 0 {
-            self.writer.event(serde_json::json!({"kind": "restart", "seq": f.seq, "record": index}));
-        }
-        Ok(())
+/// One record into the session: a bin (with a record_gap event before it when records were
+/// lost, a restart event after it), or an `applied` mark.
+fn write_record(writer: &mut SessionWriter, r: &RecordSlot) -> std::io::Result<()> {
+    if let Some(id) = r.applied {
+        writer.event(serde_json::json!({"kind": "applied", "change": id, "t_ns": monotonic_ns()}));
+        return Ok(());
     }
+    let f = &r.fields;
+    if f.records_lost_before > 0 {
+        writer.event(serde_json::json!({"kind": "record_gap", "lost": f.records_lost_before}));
+    }
+    let index = writer.bin(f, r.shape, &r.arrays())?;
+    if f.out_flags & FLAG_RESTART != 0 {
+        writer.event(serde_json::json!({"kind": "restart", "seq": f.seq, "record": index}));
+    }
+    Ok(())
 }

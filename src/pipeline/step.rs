@@ -12,6 +12,8 @@
 //!   stays on the bin clock) and flagged GAP; a gap longer than `max_gap` resets instead.
 //! - A bin refused by the source (REJECTED), a bin without data, and a bin the decoder
 //!   refuses (non-finite values) are predict-only steps.
+//! - Control changes between bins: a reset requested (the next bin starts from the prior,
+//!   RESET) and pause (outputs flagged PAUSED).
 //!
 //! Allocates nothing; the counters are relaxed atomics.
 
@@ -38,17 +40,35 @@ pub enum Outcome {
     OutOfOrder,
 }
 
-/// The sequence state the step carries from bin to bin.
+/// The sequence state the step carries from bin to bin, and the two settings control
+/// changes between bins (pause, a reset at the next bin).
 #[derive(Clone, Debug)]
 pub struct Step {
     last_seq: Option<u64>,
     /// Missing or skipped bins the decoder predicts through; a longer gap resets it.
     max_gap: u64,
+    /// Outputs carry PAUSED.
+    paused: bool,
+    /// The next decoded bin starts from the prior (RESET).
+    reset_pending: bool,
 }
 
 impl Step {
     pub fn new(max_gap: u64) -> Self {
-        Step { last_seq: None, max_gap }
+        Step { last_seq: None, max_gap, paused: false, reset_pending: false }
+    }
+
+    /// Outputs from the next bin on carry PAUSED (or no longer do).
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The decoder starts over from its prior at the next decoded bin, flagged RESET.
+    pub fn request_reset(&mut self) {
+        self.reset_pending = true;
     }
 
     /// The last sequence number decoded (None before the first bin).
@@ -101,6 +121,14 @@ impl Step {
             }
         }
 
+        if std::mem::take(&mut self.reset_pending) && flags & output::FLAG_RESET == 0 {
+            decoder.reset();
+            flags |= output::FLAG_RESET;
+            Counters::add(&c.resets, 1);
+        }
+        if self.paused {
+            flags |= output::FLAG_PAUSED;
+        }
         let obs = match slot.kind {
             SlotKind::Data => Some(&slot.counts[..]),
             SlotKind::NoData => None,

@@ -1,8 +1,8 @@
 //! The threads of a run, owned by one guard that stops and joins them on every path: a
 //! normal stop, a failed set-up after some threads started, an error or a panic on the main
-//! thread. Order matters and lives here only: the real-time threads stop first (the stop
-//! flag, the decode thread unparked), then the recorder is told to finish, so that it has
-//! every record they made, and is joined last.
+//! thread. Order matters and lives here only: the real-time threads and the control thread
+//! stop first (the stop flag, the decode thread unparked), then the recorder is told to
+//! finish, so that it has every record they made, and is joined last.
 
 use super::record::{RecordResult, ToRecorder};
 use crate::decoder::Decoder;
@@ -14,6 +14,7 @@ pub struct Threads {
     stop: Arc<AtomicBool>,
     acquire: Option<JoinHandle<()>>,
     decode: Option<JoinHandle<Box<dyn Decoder>>>,
+    control: Option<JoinHandle<()>>,
     recorder: Option<(crossbeam_channel::Sender<ToRecorder>, JoinHandle<RecordResult>)>,
 }
 
@@ -26,7 +27,7 @@ fn spawn<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) 
 
 impl Threads {
     pub fn new(stop: Arc<AtomicBool>) -> Self {
-        Threads { stop, acquire: None, decode: None, recorder: None }
+        Threads { stop, acquire: None, decode: None, control: None, recorder: None }
     }
 
     pub fn start_recorder(
@@ -43,6 +44,11 @@ impl Threads {
         Ok(())
     }
 
+    pub fn start_control(&mut self, f: impl FnOnce() + Send + 'static) -> crate::Result<()> {
+        self.control = Some(spawn("ll-control", f)?);
+        Ok(())
+    }
+
     /// Starts the decode thread; returns its handle's thread (the acquisition thread unparks it).
     pub fn start_decode(
         &mut self,
@@ -54,14 +60,17 @@ impl Threads {
         Ok(t)
     }
 
-    /// Stops the acquisition and decode threads and joins them; returns the decoder.
+    /// Stops the acquisition, decode and control threads and joins them; returns the
+    /// decoder. (The control thread may be waiting, at most a few seconds, for a change to
+    /// be applied: it is joined after the decode thread, and before the recorder finishes,
+    /// since it writes into the session.)
     pub fn stop_realtime(&mut self) -> Option<Box<dyn Decoder>> {
         self.stop.store(true, Ordering::Relaxed);
         let decoder = self.decode.take().and_then(|h| {
             h.thread().unpark();
             h.join().ok()
         });
-        if let Some(h) = self.acquire.take() {
+        for h in [self.acquire.take(), self.control.take()].into_iter().flatten() {
             let _ = h.join();
         }
         decoder

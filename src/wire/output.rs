@@ -36,6 +36,9 @@ pub const FLAG_REJECTED: u16 = 4;
 pub const FLAG_GAP: u16 = 8;
 /// The publisher restarted (stream-start flag or sequence reset).
 pub const FLAG_RESTART: u16 = 16;
+/// Decoding is paused (control `pause`): the decoder keeps filtering and publishing, and
+/// the task should not act on this output.
+pub const FLAG_PAUSED: u16 = 32;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct OutputHeader {
