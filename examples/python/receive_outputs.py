@@ -30,8 +30,11 @@ import numpy as np
 import zmq
 import zmq.utils.monitor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import latentloop_wire as wire  # noqa: E402
+try:
+    from latentloop import wire
+except ImportError:  # not installed: use the package in this checkout (<repo>/python)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+    from latentloop import wire  # noqa: E402
 
 
 def wait_connected(sock, mon, timeout_s):

@@ -49,7 +49,7 @@ import zmq
 import zmq.utils.monitor
 
 sys.path.insert(0, sys.argv[1])
-import latentloop_wire as w  # noqa: E402
+from latentloop import wire as w  # noqa: E402
 
 plan = json.load(open(sys.argv[2]))
 result = {"outputs": [], "sent": [], "errors": [], "stuck_received": []}

@@ -478,8 +478,9 @@ mod tests {
             let phi = DVector::from_vec(vec![x0, x1, 1.0]);
             rls(&mut w, &mut p, 1.0, &phi, &DVector::from_vec(vec![2.0 * x0 - x1 + 0.5]));
         }
+        // (P0 = 1e3 I is a weak ridge prior toward 0: within 1e-4.)
         for (got, want) in w.iter().zip([2.0, -1.0, 0.5]) {
-            assert!((got - want).abs() < 1e-6, "{w}");
+            assert!((got - want).abs() < 1e-4, "{w}");
         }
     }
 

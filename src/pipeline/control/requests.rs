@@ -61,6 +61,13 @@ impl Request {
             Some(Value::String(_)) => {}
             Some(other) => return Err(format!("\"cmd\" must be a string, not {}", kind_of(other))),
         }
+        // serde's deny_unknown_fields does not reach the commands without arguments.
+        let cmd = o["cmd"].as_str().unwrap_or_default();
+        if ["status", "pause", "resume", "reset", "stop"].contains(&cmd) {
+            if let Some(k) = o.keys().find(|k| *k != "cmd") {
+                return Err(format!("\"{cmd}\": unknown field `{k}`: {cmd} takes no arguments"));
+            }
+        }
         let r: Request = serde_json::from_value(v.clone()).map_err(|e| format!("{}: {e}", o["cmd"]))?;
         r.validate()?;
         Ok(r)
