@@ -67,6 +67,31 @@ pub struct SimSourceConfig {
     pub trial_seed: Option<u64>,
     #[serde(default = "two")]
     pub behavior_dims: usize,
+    /// A rig that changes under the decoder (for measuring recalibration; see
+    /// `sim::Drift`): the tuning turns this many degrees a minute...
+    #[serde(default)]
+    pub drift_degrees_per_minute: f64,
+    /// ...and/or changes at once at this time: turns by `step_rotate_degrees`, the first
+    /// `step_dead_channels` go silent, `step_swap_channels` pairs swap.
+    pub step_at_seconds: Option<f64>,
+    #[serde(default)]
+    pub step_rotate_degrees: f64,
+    #[serde(default)]
+    pub step_dead_channels: usize,
+    #[serde(default)]
+    pub step_swap_channels: usize,
+}
+
+impl SimSourceConfig {
+    pub fn drift(&self) -> crate::sim::Drift {
+        crate::sim::Drift {
+            drift_degrees_per_minute: self.drift_degrees_per_minute,
+            step_at_seconds: self.step_at_seconds,
+            step_rotate_degrees: self.step_rotate_degrees,
+            step_dead_channels: self.step_dead_channels,
+            step_swap_channels: self.step_swap_channels,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

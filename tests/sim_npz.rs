@@ -585,3 +585,34 @@ fn configs_and_names_are_validated() {
     c.behavior_dims = 0;
     assert_eq!(simulate(&c, 10).unwrap().behavior, None);
 }
+
+/// The drifting rig: before the step nothing differs from the plain rig; after it the dead
+/// channels are silent, the swapped ones trade rates, the turned tuning changes the other
+/// rates, and the behaviour (what the subject intends) is the plain rig's throughout.
+#[test]
+fn a_drifting_rig_changes_the_neurons_not_the_behaviour() {
+    let mut plain = cfg(System::Lorenz, 12, 1, 3);
+    plain.dt = 0.02;
+    let mut drifting = plain.clone();
+    drifting.drift = latentloop::sim::Drift {
+        drift_degrees_per_minute: 0.0,
+        step_at_seconds: Some(1.0),
+        step_rotate_degrees: 45.0,
+        step_dead_channels: 2,
+        step_swap_channels: 3,
+    };
+    let (a, b) = (simulate(&plain, 100).unwrap(), simulate(&drifting, 100).unwrap());
+    let (ra, rb) = (a.rates.as_ref().unwrap(), b.rates.as_ref().unwrap());
+    assert_eq!(a.behavior, b.behavior);
+    assert_eq!(a.latents, b.latents);
+    for t in 0..50 {
+        assert_eq!(ra.row(t), rb.row(t), "bin {t}: before the step");
+    }
+    for t in 50..100 {
+        assert_eq!(&rb.row(t)[..2], &[0.0, 0.0], "dead channels, bin {t}");
+        assert!(b.spikes.row(t)[..2].iter().all(|&s| s == 0.0));
+        assert_ne!(ra.row(t)[6..], rb.row(t)[6..], "the turned tuning, bin {t}");
+    }
+    drifting.drift.step_dead_channels = 13;
+    assert!(simulate(&drifting, 1).unwrap_err().contains("needs more than 12 channels"));
+}

@@ -61,6 +61,7 @@ pub fn build_source(
             let mut sc = SimConfig::new(system, channels, s.seed, s.trial_seed.unwrap_or(s.seed));
             sc.behavior_dims = s.behavior_dims;
             sc.dt = cfg.bin_seconds() as f32;
+            sc.drift = s.drift();
             if behavior_dims != 0 && behavior_dims != s.behavior_dims {
                 return Err(bad(format!(
                     "[source.sim] behavior_dims = {} but the model decodes {behavior_dims}",

@@ -56,12 +56,46 @@ pub struct SimConfig {
     pub behavior_dims: usize,
     /// Bin width in seconds (recorded in the dataset; the systems' time per bin is fixed).
     pub dt: f32,
+    /// How the neurons' tuning changes during the session (none by default).
+    pub drift: Drift,
+}
+
+/// A rig that changes under the decoder, so that recalibration can be measured: the neural
+/// tuning turns slowly, or changes at once at `step_at_seconds` (the tuning turns by
+/// `step_rotate_degrees`, the first `step_dead_channels` go silent, the first
+/// `step_swap_channels` pairs of channels j and j + k swap). Behaviour (the intended
+/// movement) is unaffected: only what the neurons say about it changes.
+///
+/// Turning the tuning rotates the standardised latent the rates are read from, in the
+/// plane of its first two dimensions, by `drift_degrees_per_minute` of session time plus the
+/// step's angle once it happened.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Drift {
+    pub drift_degrees_per_minute: f64,
+    pub step_at_seconds: Option<f64>,
+    pub step_rotate_degrees: f64,
+    pub step_dead_channels: usize,
+    pub step_swap_channels: usize,
+}
+
+impl Drift {
+    pub fn is_none(&self) -> bool {
+        self.drift_degrees_per_minute == 0.0 && self.step_at_seconds.is_none()
+    }
 }
 
 impl SimConfig {
     /// A config with the default behaviour dims and bin width.
     pub fn new(system: System, neurons: usize, seed: u64, trial_seed: u64) -> Self {
-        SimConfig { system, neurons, seed, trial_seed, behavior_dims: DEFAULT_BEHAVIOR_DIMS, dt: DEFAULT_DT }
+        SimConfig {
+            system,
+            neurons,
+            seed,
+            trial_seed,
+            behavior_dims: DEFAULT_BEHAVIOR_DIMS,
+            dt: DEFAULT_DT,
+            drift: Drift::default(),
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -76,6 +110,19 @@ impl SimConfig {
         }
         if !(self.dt.is_finite() && self.dt > 0.0) {
             return Err(format!("bin width dt must be a positive number of seconds, got {}", self.dt));
+        }
+        let d = &self.drift;
+        if !d.drift_degrees_per_minute.is_finite() || !d.step_rotate_degrees.is_finite() {
+            return Err("drift angles must be finite".into());
+        }
+        if d.step_at_seconds.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            return Err("step_at_seconds must be a time >= 0".into());
+        }
+        if d.step_dead_channels > self.neurons || 2 * d.step_swap_channels > self.neurons {
+            return Err(format!(
+                "a step of {} dead and {} swapped pairs needs more than {} channels",
+                d.step_dead_channels, d.step_swap_channels, self.neurons
+            ));
         }
         Ok(())
     }
@@ -240,7 +287,7 @@ impl SimRig {
         for (i, l) in latents.iter_mut().enumerate() {
             *l = ((self.state[i] - self.mean[i]) / self.sd[i]) as f32;
         }
-        self.rates_from_latents(latents, rates);
+        self.apply_drift(latents, rates);
         for (j, (s, &r)) in spikes.iter_mut().zip(rates.iter()).enumerate() {
             let mut u = Uniforms::new(self.cfg.trial_seed, t, j as u32);
             *s = poisson(r as f64, &mut || u.next_f64()) as f32;
@@ -253,6 +300,36 @@ impl SimRig {
             }
         }
         self.bin += 1;
+    }
+
+    /// The rates of this bin under the configured drift (see [`Drift`]).
+    fn apply_drift(&self, latents: &[f32], rates: &mut [f32]) {
+        let d = &self.cfg.drift;
+        if d.is_none() {
+            self.rates_from_latents(latents, rates);
+            return;
+        }
+        let t = self.bin as f64 * self.cfg.dt as f64;
+        // The step's bin, rounded (0.02 s as f32 times 50 bins is just under 1 s).
+        let stepped = d.step_at_seconds.is_some_and(|s| self.bin >= (s / self.cfg.dt as f64).round() as u64);
+        let degrees = d.drift_degrees_per_minute * t / 60.0 + if stepped { d.step_rotate_degrees } else { 0.0 };
+        let mut seen = [0.0f32; 4];
+        let l = latents.len();
+        seen[..l].copy_from_slice(latents);
+        if degrees != 0.0 && l >= 2 {
+            let (s, c) = degrees.to_radians().sin_cos();
+            let (a, b) = (latents[0] as f64, latents[1] as f64);
+            seen[0] = (c * a - s * b) as f32;
+            seen[1] = (s * a + c * b) as f32;
+        }
+        self.rates_from_latents(&seen[..l], rates);
+        if stepped {
+            let k = d.step_swap_channels;
+            for j in 0..k {
+                rates.swap(j, j + k);
+            }
+            rates[..d.step_dead_channels].fill(0.0);
+        }
     }
 
     /// The next `bins` bins as a dataset (spikes, behaviour unless D = 0, latents, rates, dt).

@@ -443,6 +443,14 @@ fn kalman_file(params: &KalmanParams) -> Result<ModelFile, String> {
     Ok(KalmanModel::new(p)?.to_file())
 }
 
+/// The model file an update makes of `current`.
+pub fn updated_file(current: &Current, update: Update) -> Result<ModelFile, String> {
+    match update {
+        Update::File(f) => Ok(f),
+        Update::Readout { d, bias } => with_readout(current, &d, &bias),
+    }
+}
+
 /// The file of `current` with its behaviour readout replaced (for `readout` updates).
 pub fn with_readout(current: &Current, d: &[f32], bias: &[f32]) -> Result<ModelFile, String> {
     let mut f = current.file.clone();

@@ -151,11 +151,9 @@ impl Control {
     /// stops the adaptation (the decoder keeps the last good parameters) and is logged.
     fn adapt_step(&mut self) {
         let Some(a) = self.adaptation.as_mut() else { return };
-        let update = a.due(&self.history, &self.targets).and_then(|u| match u {
-            None => Ok(None),
-            Some(adapt::Update::File(f)) => Ok(Some(f)),
-            Some(adapt::Update::Readout { d, bias }) => adapt::with_readout(&self.s.current, &d, &bias).map(Some),
-        });
+        let current = &self.s.current;
+        let update =
+            a.due(&self.history, &self.targets).and_then(|u| u.map(|u| adapt::updated_file(current, u)).transpose());
         let what = format!("adapt {}", a.mode_name());
         let result = match update {
             Ok(Some(file)) => {
