@@ -156,12 +156,63 @@ pub struct CalibrationConfig {
     pub seconds: Spanned<f64>,
     #[serde(default = "ridge")]
     pub ridge: f64,
+    /// "kalman" (default), or "xfads": the Kalman decoder, fitted in seconds, decodes while
+    /// the nonlinear model trains on the calibration block in the background; it is swapped
+    /// in, between two bins, when training ends (needs the control thread).
+    #[serde(default = "kalman_spanned")]
+    pub model: Spanned<String>,
+    /// The XFADS model trained then (as `latentloop fit xfads`).
+    #[serde(default)]
+    pub xfads: XfadsCalibration,
 }
 
 impl Default for CalibrationConfig {
     fn default() -> Self {
-        CalibrationConfig { seconds: Spanned::new(0..0, 30.0), ridge: ridge() }
+        CalibrationConfig {
+            seconds: Spanned::new(0..0, 30.0),
+            ridge: ridge(),
+            model: kalman_spanned(),
+            xfads: XfadsCalibration::default(),
+        }
     }
+}
+
+/// `[calibration.xfads]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XfadsCalibration {
+    /// node | mlp | gru | linear
+    #[serde(default = "node")]
+    pub dynamics: String,
+    #[serde(default = "three")]
+    pub latents: usize,
+    #[serde(default = "xfads_epochs")]
+    pub epochs: usize,
+    /// Training stops after this long at the latest.
+    #[serde(default = "xfads_seconds")]
+    pub max_seconds: f64,
+}
+
+impl Default for XfadsCalibration {
+    fn default() -> Self {
+        XfadsCalibration { dynamics: node(), latents: three(), epochs: xfads_epochs(), max_seconds: xfads_seconds() }
+    }
+}
+
+fn kalman_spanned() -> Spanned<String> {
+    Spanned::new(0..0, "kalman".into())
+}
+fn node() -> String {
+    "node".into()
+}
+fn three() -> usize {
+    3
+}
+fn xfads_epochs() -> usize {
+    80
+}
+fn xfads_seconds() -> f64 {
+    300.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +517,37 @@ impl RigConfig {
                           (fit one with `latentloop fit` on a recording)"
                         .into(),
                 });
+            }
+        }
+        let cal = &self.calibration;
+        match cal.model.get_ref().as_str() {
+            "kalman" => {}
+            "xfads" => {
+                if self.model.path.is_some() {
+                    return Err(self.error_at(
+                        cal.model.span(),
+                        "[calibration] model = \"xfads\" applies only without a [model] path",
+                    ));
+                }
+                if !self.control.enabled {
+                    return Err(self.error_at(
+                        cal.model.span(),
+                        "[calibration] model = \"xfads\" needs the control thread ([control] enabled = true)",
+                    ));
+                }
+                if cal.xfads.dynamics.parse::<crate::model::DynamicsKind>().is_err() {
+                    return Err(Error::Config {
+                        path: self.path.clone(),
+                        msg: format!(
+                            "[calibration.xfads] dynamics = '{}': expected node, mlp, gru or linear",
+                            cal.xfads.dynamics
+                        ),
+                    });
+                }
+            }
+            other => {
+                return Err(self
+                    .error_at(cal.model.span(), format!("[calibration] model = '{other}': expected kalman or xfads")))
             }
         }
         if !["cpu", "cuda", "auto"].contains(&self.model.backend.as_str()) {

@@ -204,6 +204,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     threads.start_acquire(move || drop(acq.run()))?;
 
     let rec_tx = recording.as_ref().map(|r| r.tx.clone());
+    let mut train_xfads = None;
     let (model, bytes, origin) = match loaded {
         Some((m, b)) => (m, b, cfg.model_path().map_or(String::new(), |p| p.display().to_string())),
         None => {
@@ -225,6 +226,25 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
             data.write_npz(reports.join("calibration.npz"))?;
             if !opts.quiet {
                 eprintln!("calibrated on {} bins: {}", data.bins(), m.describe());
+            }
+            if cfg.calibration.model.get_ref() == "xfads" {
+                let x = &cfg.calibration.xfads;
+                let o = crate::fit::xfads::TrainOptions {
+                    dynamics: x.dynamics.parse().map_err(Error::Invalid)?,
+                    latents: x.latents,
+                    rank: x.latents.min(8),
+                    epochs: x.epochs,
+                    max_seconds: Some(x.max_seconds),
+                    seed: cfg.model.seed,
+                    quiet: true,
+                    ..Default::default()
+                };
+                if !opts.quiet {
+                    eprintln!(
+                        "training the XFADS model on the block in the background; the Kalman decoder decodes meanwhile"
+                    );
+                }
+                train_xfads = Some((data.clone(), o));
             }
             (m, file.to_bytes(), "calibration".to_string())
         }
@@ -284,13 +304,21 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
                 model: model.clone(),
                 file,
             },
-            dec_opts,
+            // Models loaded later run where the config says an XFADS filter runs.
+            dec_opts: match &model {
+                crate::any_model::AnyModel::Xfads(_) => dec_opts,
+                crate::any_model::AnyModel::Kalman(_) => crate::any_model::DecoderOptions {
+                    backend: crate::gpu::select_backend(&cfg.model.backend).unwrap_or(crate::gpu::Backend::Cpu),
+                    ..dec_opts
+                },
+            },
             channels,
             behavior_dims,
             bin_seconds: cfg.bin_seconds(),
             max_latents,
             history_bins,
             calibration_ridge: cfg.calibration.ridge,
+            train_xfads: train_xfads.take(),
             quiet: opts.quiet,
         };
         let ctl = control::Control::new(sock, setup);

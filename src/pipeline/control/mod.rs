@@ -71,7 +71,16 @@ pub struct ControlSetup {
     pub max_latents: usize,
     pub history_bins: usize,
     pub calibration_ridge: f64,
+    /// Calibrate-then-run XFADS: the block and the training options; the model trained in
+    /// the background is swapped in when it is ready.
+    pub train_xfads: Option<(crate::data::Dataset, crate::fit::xfads::TrainOptions)>,
     pub quiet: bool,
+}
+
+/// A model training in the background.
+struct Training {
+    started: std::time::Instant,
+    handle: std::thread::JoinHandle<Result<crate::fit::xfads::Trained>>,
 }
 
 pub struct Control {
@@ -86,6 +95,7 @@ pub struct Control {
     targets: Vec<adapt::Target>,
     last_calibration: Option<Value>,
     swaps: u64,
+    training: Option<Training>,
 }
 
 /// How long a change may take to be applied before the reply says it was not.
@@ -126,14 +136,19 @@ impl Control {
             targets: Vec::new(),
             last_calibration: None,
             swaps: 0,
+            training: None,
             s,
         }
     }
 
     /// Serves requests until the run stops.
     pub fn run(mut self) {
+        if let Some((data, opts)) = self.s.train_xfads.take() {
+            self.start_training(data, opts);
+        }
         while !self.s.stop.load(Ordering::Relaxed) {
             self.take_feed();
+            self.finish_training();
             self.adapt_step();
             match self.sock.poll(zmq::POLLIN, 20) {
                 Ok(n) if n > 0 => {}
@@ -144,6 +159,57 @@ impl Control {
             let (request, reply) = self.handle(&msg);
             let _ = self.sock.send(reply.to_string().as_bytes(), 0);
             self.log(json!({"kind": "control", "t_ns": t_ns, "request": request, "reply": reply}));
+        }
+    }
+
+    /// Trains the XFADS model on its own thread, at a lower priority than the run's threads
+    /// (nice 10), so the decoder keeps its core as far as the scheduler allows.
+    fn start_training(&mut self, data: crate::data::Dataset, opts: crate::fit::xfads::TrainOptions) {
+        self.log(json!({"kind": "training", "t_ns": super::clock::monotonic_ns(), "bins": data.bins(),
+            "dynamics": opts.dynamics.as_str(), "latents": opts.latents, "epochs": opts.epochs}));
+        let handle = std::thread::Builder::new().name("ll-train".into()).spawn(move || {
+            // SAFETY: setpriority on the calling thread (tid 0 = this thread on Linux).
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+            crate::fit::xfads::train(&data, &opts)
+        });
+        match handle {
+            Ok(handle) => self.training = Some(Training { started: std::time::Instant::now(), handle }),
+            Err(e) => self.log(json!({"kind": "training_failed", "error": e.to_string()})),
+        }
+    }
+
+    /// Swaps the trained model in once training has ended (the switch is an event).
+    fn finish_training(&mut self) {
+        if !self.training.as_ref().is_some_and(|t| t.handle.is_finished()) {
+            return;
+        }
+        let t = self.training.take().expect("checked");
+        let secs = t.started.elapsed().as_secs_f64();
+        let result = t
+            .handle
+            .join()
+            .map_err(|_| "the training thread panicked".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let outcome = result.and_then(|trained| {
+            let bytes = trained.file.to_bytes();
+            let report = serde_json::to_value(&trained.report).unwrap_or(Value::Null);
+            self.replace_model(trained.file, bytes, "calibration (xfads)", false).map(|r| (r, report))
+        });
+        match outcome {
+            Ok((reply, report)) => {
+                if !self.s.quiet {
+                    eprintln!(
+                        "calibration: the trained XFADS model decodes from the bin after seq {}",
+                        reply["after_seq"]
+                    );
+                }
+                self.log(json!({"kind": "switch", "t_ns": super::clock::monotonic_ns(), "training_seconds": secs,
+                    "swap": reply, "held_out": report["valid"]}));
+            }
+            Err(e) => {
+                eprintln!("warning: calibration: the XFADS model was not swapped in: {e}; the Kalman decoder goes on");
+                self.log(json!({"kind": "training_failed", "t_ns": super::clock::monotonic_ns(), "error": e}));
+            }
         }
     }
 
@@ -410,6 +476,7 @@ impl Control {
             "model_swaps": self.swaps,
             "calibration": self.last_calibration,
             "adaptation": self.adaptation.as_ref().map(|a| a.state()),
+            "training": self.training.as_ref().map(|t| json!({"seconds": t.started.elapsed().as_secs_f64()})),
             "history_bins": self.history.len(),
         })
     }
