@@ -101,9 +101,10 @@ pub struct ZmqSourceConfig {
     /// Largest count (or value) a channel may carry; larger values are refused as absurd.
     #[serde(default = "max_count")]
     pub max_count: f32,
-    /// Behaviour values per bin, for calibrating without a model file (0: none).
-    #[serde(default)]
-    pub behavior_dims: usize,
+    /// Behaviour values per bin the publisher sends (0: none). With a model file it must be
+    /// 0 or the model's behaviour dims; without, the calibration targets' count.
+    #[serde(default = "zero_spanned")]
+    pub behavior_dims: Spanned<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,11 +142,16 @@ pub struct ModelConfig {
     /// cpu | cuda | auto
     #[serde(default = "backend")]
     pub backend: String,
+    /// Run a model made for another bin width anyway (refused otherwise: its dynamics and
+    /// rates are per bin, so it decodes wrongly). The run says so at start and the reports
+    /// and the session record it.
+    #[serde(default)]
+    pub allow_bin_width_mismatch: bool,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { path: None, samples: None, seed: 0, backend: backend() }
+        ModelConfig { path: None, samples: None, seed: 0, backend: backend(), allow_bin_width_mismatch: false }
     }
 }
 
@@ -356,6 +362,9 @@ impl Default for ControlConfig {
 fn history_seconds() -> f64 {
     120.0
 }
+fn zero_spanned() -> Spanned<usize> {
+    Spanned::new(0..0, 0)
+}
 fn yes() -> bool {
     true
 }
@@ -470,6 +479,68 @@ impl RigConfig {
         self.model.path.as_ref().map(|p| self.resolve(p.get_ref()))
     }
 
+    /// Every number a config gives, in its range (so that nothing starts with a value that
+    /// would decode wrongly or not at all).
+    fn validate_numbers(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config { path: self.path.clone(), msg });
+        if let Some(z) = &self.source.zmq {
+            // Counts are carried as f32: integers above 2^24 would not be exact.
+            if !(z.max_count.is_finite() && z.max_count > 0.0 && z.max_count <= 16_777_216.0) {
+                return bad(format!(
+                    "[source.zmq] max_count = {}: expected 0 < max_count <= 2^24 (16777216)",
+                    z.max_count
+                ));
+            }
+        }
+        if let Some(o) = &self.source.openephys {
+            for (k, v, min) in [("threshold", o.threshold, 0.0), ("noise_seconds", o.noise_seconds, 0.0)] {
+                if !(v.is_finite() && v > min) {
+                    return bad(format!("[source.openephys] {k} = {v}: expected a positive number"));
+                }
+            }
+            if !(o.refractory_ms.is_finite() && o.refractory_ms >= 0.0) {
+                return bad(format!("[source.openephys] refractory_ms = {}: expected >= 0", o.refractory_ms));
+            }
+        }
+        if let Some(n) = self.model.samples {
+            if n < 2 {
+                return bad(format!("[model] samples = {n}: the filter needs at least 2 samples"));
+            }
+        }
+        if !(self.calibration.ridge.is_finite() && self.calibration.ridge >= 0.0) {
+            return bad(format!("[calibration] ridge = {}: expected >= 0", self.calibration.ridge));
+        }
+        if self.output.sndhwm < 1 {
+            return bad(format!(
+                "[output] sndhwm = {}: expected at least 1 (0 would queue without limit)",
+                self.output.sndhwm
+            ));
+        }
+        if let Some(ms) = self.pipeline.stale_ms {
+            if !(ms.is_finite() && ms > 0.0) {
+                return bad(format!("[pipeline] stale_ms = {ms}: expected a positive number of ms"));
+            }
+        }
+        let cores = std::thread::available_parallelism().map_or(usize::MAX, |n| n.get());
+        for (k, c) in [("acquire_core", self.pipeline.acquire_core), ("decode_core", self.pipeline.decode_core)] {
+            if let Some(c) = c {
+                if c >= cores {
+                    return bad(format!("[pipeline] {k} = {c}: this machine has cores 0..{}", cores - 1));
+                }
+            }
+        }
+        if !(self.reports.snapshot_seconds.is_finite() && self.reports.snapshot_seconds > 0.0) {
+            return bad(format!(
+                "[reports] snapshot_seconds = {}: expected a positive number",
+                self.reports.snapshot_seconds
+            ));
+        }
+        if self.record.max_latents == 0 {
+            return bad("[record] max_latents must be at least 1".into());
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.source;
         let bin_ms = *s.bin_ms.get_ref();
@@ -579,6 +650,7 @@ impl RigConfig {
         if !(self.control.history_seconds > 0.0 && self.control.history_seconds.is_finite()) {
             return Err(Error::Config { path: self.path.clone(), msg: "[control] history_seconds must be > 0".into() });
         }
+        self.validate_numbers()?;
         if self.record.ring_capacity < 16 {
             return Err(Error::Config { path: self.path.clone(), msg: "[record] ring_capacity must be >= 16".into() });
         }

@@ -1,5 +1,5 @@
 //! The real `latentloop run` binary on loopback ZeroMQ, fed and read by Python (pyzmq with
-//! examples/python/latentloop_wire.py): what comes out for good bins, gaps, duplicates,
+//! the package's python/latentloop/wire.py): what comes out for good bins, gaps, duplicates,
 //! restarts, bad messages, stuck subscribers, a decoder that falls behind, Ctrl-C and bad
 //! configs.
 //!
@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 #[test]
 fn every_bin_is_answered_once_and_decoded_like_eval() {
     let Some(rig) = Rig::new("eval", ModelKind::Xfads(4)) else { return };
-    rig.write_config(Cfg::bins(5.0));
+    // Lockstep bins on a loaded machine: generous staleness, so none is skipped.
+    rig.write_config(Cfg { bin_ms: 1.0, extra: "[pipeline]\nstale_ms = 10", ..Default::default() });
     let eval_path = rig.dir.join("eval.npz");
     let report = latentloop(&[
         "eval",
@@ -115,7 +116,11 @@ fn a_gap_is_predicted_through_like_bins_without_data() {
         return;
     };
     for rig in [&gap, &nodata] {
-        rig.write_config(Cfg { bin_ms: 5.0, extra: "[pipeline]\nmax_predict_gap = 50", ..Default::default() });
+        rig.write_config(Cfg {
+            bin_ms: 1.0,
+            extra: "[pipeline]\nmax_predict_gap = 50\nstale_ms = 10",
+            ..Default::default()
+        });
     }
 
     // 20..25 missing; then 40..101 missing (61 > 50).
@@ -458,6 +463,29 @@ fn config_errors_exit_2_naming_the_line_before_any_socket() {
             good.replace("channels = 8", "channels = 9"),
             vec!["line 4 (`channels = 9`)", "but the model", "expects 8"],
         ),
+        (
+            "bin-width",
+            good.replace("bin_ms = 1.0", "bin_ms = 20.0"),
+            vec!["line 3 (`bin_ms = 20.0`)", "was made for 1 ms bins", "allow_bin_width_mismatch"],
+        ),
+        (
+            "behavior-dims",
+            good.replace("[source.zmq]\n", "[source.zmq]\nbehavior_dims = 3\n"),
+            vec!["line 7 (`behavior_dims = 3`)", "decodes 2 behaviour dims"],
+        ),
+        ("sndhwm", good.replace("[output]\n", "[output]\nsndhwm = 0\n"), vec!["[output] sndhwm = 0"]),
+        ("samples", good.replace("[model]\n", "[model]\nsamples = 1\n"), vec!["[model] samples = 1"]),
+        ("stale", format!("{good}[pipeline]\nstale_ms = -1\n"), vec!["[pipeline] stale_ms = -1"]),
+        (
+            "max-count",
+            good.replace("[source.zmq]\n", "[source.zmq]\nmax_count = 1e9\n"),
+            vec!["max_count = 1000000000"],
+        ),
+        (
+            "remote-control",
+            format!("{good}[control]\nendpoint = \"tcp://0.0.0.0:5999\"\n"),
+            vec!["is not on this machine", "allow_remote"],
+        ),
     ];
     for (name, text, wanted) in &cases {
         let (status, stderr) = run(name, text);
@@ -478,6 +506,13 @@ fn config_errors_exit_2_naming_the_line_before_any_socket() {
     let (status, stderr) = run("good", &good);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot bind output"), "{stderr}");
+    // The explicit override of the bin width passes the check (and says so).
+    let overridden = good
+        .replace("bin_ms = 1.0", "bin_ms = 20.0")
+        .replace("[model]\n", "[model]\nallow_bin_width_mismatch = true\n");
+    let (status, stderr) = run("override", &overridden);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("warning: bin_ms = 20 but the model") && stderr.contains("cannot bind output"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -552,7 +587,7 @@ fn falling_behind_decodes_the_newest_and_accounts_for_every_bin() {
 #[test]
 fn example_probe_and_receiver_work_against_the_binary() {
     let Some(rig) = Rig::new("probe", ModelKind::Xfads(4)) else { return };
-    rig.write_config(Cfg::bins(2.0));
+    rig.write_config(Cfg { bin_ms: 1.0, extra: "[pipeline]\nstale_ms = 10", ..Default::default() });
     let mut ll = rig.start();
     let saved = rig.dir.join("received.npz");
     let mut receiver = Guard(

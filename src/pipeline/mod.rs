@@ -111,12 +111,17 @@ pub struct RunSummary {
     pub session_records: Option<u64>,
     /// The control socket's endpoint (None: control was off).
     pub control: Option<String>,
+    /// What the run was told to do against its own checks (explicit overrides).
+    pub warnings: Vec<String>,
 }
 
 pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     // Set-up: everything that can be refused is refused before any thread starts.
     let channels = *cfg.source.channels.get_ref();
-    let loaded = setup::load_model(cfg)?;
+    let (loaded, warnings) = setup::load_model(cfg)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     let behavior_dims = setup::behavior_dims(cfg, loaded.as_ref().map(|(m, _)| m))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -129,8 +134,8 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         None => None,
     };
     let backend = dec_opts.map_or(crate::gpu::Backend::Cpu, |o| o.backend);
+    let mut header = setup::header(cfg, behavior_dims, None, setup::decoder_ref(cfg, backend));
     let mut session = {
-        let header = setup::header(cfg, behavior_dims, None, setup::decoder_ref(cfg, backend));
         let max_latents = cfg.record.max_latents.max(loaded.as_ref().map_or(0, |(m, _)| m.latents()));
         setup::open_session(cfg, &header, max_latents)?
     };
@@ -175,9 +180,9 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
             let rec = s.recorder;
             threads.start_recorder(s.recording.tx.clone(), move || rec.run())?;
             (decode_tap, acquire_tap) = (Some(s.decode_tap), Some(s.acquire_tap));
-            let _ = s.recording.tx.send(record::ToRecorder::Event(
-                serde_json::json!({"kind": "start", "t_ns": clock::monotonic_ns(), "wall": crate::session::write::now_utc()}),
-            ));
+            let _ = s.recording.tx.send(record::ToRecorder::Event(serde_json::json!({
+                "kind": "start", "t_ns": clock::monotonic_ns(), "wall": crate::session::write::now_utc(), "warnings": warnings,
+            })));
             Some(s.recording)
         }
         None => None,
@@ -267,8 +272,10 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
             });
         }
         let m = setup::store_model(&r.dir, 0, &bytes, &model, &origin)?;
-        let header = setup::header(cfg, behavior_dims, Some(m.clone()), setup::decoder_ref(cfg, dec_opts.backend));
-        let _ = r.tx.send(record::ToRecorder::Header(Box::new(header)));
+        // The same header with the model in it (its clock anchor unchanged).
+        header.model = Some(m.clone());
+        header.decoder = setup::decoder_ref(cfg, dec_opts.backend);
+        let _ = r.tx.send(record::ToRecorder::Header(Box::new(header.clone())));
         let _ = r.tx.send(record::ToRecorder::Event(setup::decoder_event(0, &m, false)));
         model_ref = Some(m);
     }
@@ -452,6 +459,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         session: recording.as_ref().map(|r| r.dir.display().to_string()),
         session_records,
         control: control_endpoint,
+        warnings,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     std::fs::write(reports.join("summary.json"), json).map_err(|e| Error::io(&reports, e))?;

@@ -176,6 +176,7 @@ impl RecordTap {
             return;
         };
         r.applied = Some(id);
+        r.fields.recv_ns = monotonic_ns(); // when it was applied, on this thread
         self.push(r);
     }
 
@@ -330,7 +331,7 @@ impl Recorder {
 /// lost, a restart event after it), or an `applied` mark.
 fn write_record(writer: &mut SessionWriter, r: &RecordSlot) -> std::io::Result<()> {
     if let Some(id) = r.applied {
-        writer.event(serde_json::json!({"kind": "applied", "change": id, "t_ns": monotonic_ns()}));
+        writer.event(serde_json::json!({"kind": "applied", "change": id, "t_ns": r.fields.recv_ns}));
         return Ok(());
     }
     let f = &r.fields;

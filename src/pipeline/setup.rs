@@ -14,10 +14,15 @@ use crate::session::{DecoderRef, Header, ModelRef, FORMAT_NAME, VERSION};
 use crate::sim::{SimConfig, System};
 use std::sync::Arc;
 
-/// The model file of the config (None: calibrate first), checked against the channels.
-pub fn load_model(cfg: &RigConfig) -> Result<Option<(AnyModel, Vec<u8>)>> {
+/// A model file of the config: the model and the file's bytes (stored in the session).
+pub type Loaded = (AnyModel, Vec<u8>);
+
+/// The model file of the config (None: calibrate first), checked against the channels,
+/// the bin width and the behaviour the source says it sends. Returns the warnings a run
+/// with an explicit override must carry into its reports.
+pub fn load_model(cfg: &RigConfig) -> Result<(Option<Loaded>, Vec<String>)> {
     let channels = *cfg.source.channels.get_ref();
-    let Some(p) = cfg.model_path() else { return Ok(None) };
+    let Some(p) = cfg.model_path() else { return Ok((None, Vec::new())) };
     let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
     let m = AnyModel::load(&p)?;
     if m.channels() != channels {
@@ -26,7 +31,38 @@ pub fn load_model(cfg: &RigConfig) -> Result<Option<(AnyModel, Vec<u8>)>> {
             cfg.error_at(span, format!("channels = {channels} but the model {} expects {}", p.display(), m.channels()))
         );
     }
-    Ok(Some((m, bytes)))
+    let mut warnings = Vec::new();
+    // The card's dt is an f32: in ms as an f32 it prints as written (20, not 20.0000003).
+    let (bin_ms, model_ms) = (*cfg.source.bin_ms.get_ref(), (m.dt() * 1e3) as f64);
+    if (bin_ms - model_ms).abs() > 1e-6 * bin_ms.max(model_ms) {
+        let what = format!(
+            "bin_ms = {bin_ms} but the model {} was made for {model_ms} ms bins: its dynamics and rates are per bin, so at another width it decodes wrongly",
+            p.display()
+        );
+        if !cfg.model.allow_bin_width_mismatch {
+            return Err(cfg.error_at(
+                cfg.source.bin_ms.span(),
+                format!(
+                    "{what}; bin at {model_ms} ms, or set [model] allow_bin_width_mismatch = true to run it anyway"
+                ),
+            ));
+        }
+        warnings.push(format!("{what} ([model] allow_bin_width_mismatch = true)"));
+    }
+    if let Some(z) = &cfg.source.zmq {
+        let d = *z.behavior_dims.get_ref();
+        if d != 0 && d != m.behavior_dims() {
+            return Err(cfg.error_at(
+                z.behavior_dims.span(),
+                format!(
+                    "behavior_dims = {d} but the model {} decodes {} behaviour dims: bins with {d} values would all be refused",
+                    p.display(),
+                    m.behavior_dims()
+                ),
+            ));
+        }
+    }
+    Ok((Some((m, bytes)), warnings))
 }
 
 /// Behaviour values per bin: the model's, or (calibrating) the source table's.
@@ -34,7 +70,7 @@ pub fn behavior_dims(cfg: &RigConfig, model: Option<&AnyModel>) -> Result<usize>
     let d = match (model, cfg.source.kind) {
         (Some(m), _) => m.behavior_dims(),
         (None, SourceKind::Sim) => cfg.source.sim.as_ref().map_or(0, |s| s.behavior_dims),
-        (None, _) => cfg.source.zmq.as_ref().map_or(0, |z| z.behavior_dims),
+        (None, _) => cfg.source.zmq.as_ref().map_or(0, |z| *z.behavior_dims.get_ref()),
     };
     if model.is_none() && d == 0 {
         return Err(Error::Config {
@@ -72,7 +108,7 @@ pub fn build_source(
         }
         SourceKind::Zmq => {
             let z = cfg.source.zmq.as_ref().expect("validated");
-            let d = if behavior_dims > 0 { behavior_dims } else { z.behavior_dims };
+            let d = if behavior_dims > 0 { behavior_dims } else { *z.behavior_dims.get_ref() };
             let s = source::zmq_bins::ZmqBinSource::connect(
                 ctx,
                 &z.endpoint,

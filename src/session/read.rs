@@ -208,8 +208,13 @@ impl Session {
                         self.events.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
                     }
                 }
-                // A kind from a newer writer: skipped.
-                None => {}
+                // A kind from a newer writer: checked, then skipped.
+                None => {
+                    if let Err(why) = read_payload(&mut f, &c, &mut buf) {
+                        self.damage = Some(where_(&why));
+                        break;
+                    }
+                }
             }
             at = body + stored as u64;
             f.seek(SeekFrom::Start(at)).map_err(|e| Error::io(&path, e))?;

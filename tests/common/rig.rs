@@ -1,6 +1,7 @@
-//! The test rig of the binary's end-to-end tests (pipeline_zmq.rs, session.rs): a model, a
-//! simulated session, loopback endpoints, a config, and a Python driver (pyzmq with
-//! examples/python/latentloop_wire.py) that plays a plan of bins and records every output.
+//! The test rig of the binary's end-to-end tests (pipeline_zmq.rs, session.rs, control.rs):
+//! a model, a simulated session, loopback endpoints, a config, and a Python driver (pyzmq
+//! with the package's wire codec, python/latentloop/wire.py) that plays a plan of bins and
+//! records every output.
 #![allow(dead_code)]
 
 use super::{bin as binary, python_with, tmpdir};
@@ -38,7 +39,7 @@ pub const SESSION_BINS: usize = 300;
 
 pub const DRIVER: &str = r##"
 """Test driver: plays a plan of bins to latentloop and records every output.
-argv: examples_dir plan.json result.json"""
+argv: python_package_dir plan.json result.json"""
 import json
 import sys
 import threading
@@ -291,6 +292,11 @@ pub fn free_tcp() -> String {
     format!("tcp://127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
+/// The Python package's folder (the driver imports `latentloop.wire` from it).
+pub fn python_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
 pub fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python")
 }
@@ -350,7 +356,7 @@ impl Rig {
             "--bins",
             &bins,
             "--dt",
-            "0.005",
+            "0.001",
             "--seed",
             "1",
             "--out",
@@ -358,7 +364,7 @@ impl Rig {
         ]);
         match kind {
             ModelKind::Xfads(latents) => {
-                small_random_model(&model, latents, CHANNELS, &["--dt", "0.005"]);
+                small_random_model(&model, latents, CHANNELS, &["--dt", "0.001"]);
             }
             ModelKind::Kalman => {
                 latentloop(&["fit", "kalman", "--data", s(&data), "--out", s(&model)]);
@@ -423,7 +429,7 @@ impl Rig {
         let stderr = self.dir.join("driver.stderr");
         let mut child = Guard(
             Command::new(&self.py)
-                .args([s(&driver), s(&examples_dir()), s(&plan_path), s(&result_path)])
+                .args([s(&driver), s(&python_dir()), s(&plan_path), s(&result_path)])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(&stderr).unwrap())

@@ -492,9 +492,10 @@ pub fn check_fits(
     if model.channels() != channels {
         return Err(format!("the model reads {} channels, the run has {channels}", model.channels()));
     }
-    let dt = model.dt() as f64;
-    if (dt - bin_seconds).abs() > 1e-6 * bin_seconds.max(dt) {
-        return Err(format!("the model was made for {} ms bins, the run bins at {} ms", dt * 1e3, bin_seconds * 1e3));
+    let model_ms = (model.dt() * 1e3) as f64;
+    let bin_ms = bin_seconds * 1e3;
+    if (model_ms - bin_ms).abs() > 1e-6 * bin_ms.max(model_ms) {
+        return Err(format!("the model was made for {model_ms} ms bins, the run bins at {bin_ms} ms"));
     }
     if behavior_dims > 0 && model.behavior_dims() != behavior_dims {
         return Err(format!("the model decodes {} behaviour dims, the run {behavior_dims}", model.behavior_dims()));
