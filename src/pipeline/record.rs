@@ -288,6 +288,10 @@ impl Recorder {
     /// recording (returned, and reported by `run`), never the decoder: the real-time threads
     /// then lose records, counted.
     pub fn run(mut self) -> RecordResult {
+        // Below the real-time threads and the senders that share their cores: compressing a
+        // chunk (a few ms each 250 ms at 1 kHz) should wait for them, not they for it.
+        // SAFETY: setpriority on the calling thread (tid 0 = this thread on Linux).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
         let dir = self.writer.dir().to_path_buf();
         let failed = |e: std::io::Error| format!("recording stopped: cannot write {}: {e}", dir.display());
         loop {
