@@ -27,7 +27,7 @@ import numpy as np
 __all__ = [
     "BIN_MAGIC", "BIN_VERSION", "BIN_HEADER", "OUT_MAGIC", "OUT_VERSION", "OUT_HEADER",
     "DTYPES", "FLAG_NO_DATA", "FLAG_STREAM_START", "FLAG_PREDICT_ONLY", "FLAG_RESET",
-    "FLAG_REJECTED", "FLAG_GAP", "FLAG_RESTART", "encode_bin", "decode_bin", "output_len",
+    "FLAG_REJECTED", "FLAG_GAP", "FLAG_RESTART", "FLAG_PAUSED", "encode_bin", "decode_bin", "output_len",
     "decode_output", "encode_output", "flag_names", "WireError",
 ]
 
@@ -96,6 +96,8 @@ FLAG_REJECTED = 4
 FLAG_GAP = 8
 #: The publisher restarted (stream-start flag or sequence reset).
 FLAG_RESTART = 16
+#: Decoding is paused (control `pause`): the task should not act on this output.
+FLAG_PAUSED = 32
 
 _OUT_FLAG_NAMES = [
     (FLAG_PREDICT_ONLY, "PREDICT_ONLY"),
@@ -103,6 +105,7 @@ _OUT_FLAG_NAMES = [
     (FLAG_REJECTED, "REJECTED"),
     (FLAG_GAP, "GAP"),
     (FLAG_RESTART, "RESTART"),
+    (FLAG_PAUSED, "PAUSED"),
 ]
 
 
