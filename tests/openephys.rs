@@ -210,7 +210,7 @@ fn source_counts_equal_the_injected_spikes() {
         total += g.counts.iter().sum::<f32>();
     }
     assert_eq!(total as usize, t.spikes.len(), "every injected spike counted once");
-    assert_eq!(cont.binner().stats().forced_bins, 0);
+    assert_eq!(cont.binner().stats().binning.forced_bins, 0);
 
     // Spikes: bins from the first block; the last one waits for a bin of time after it.
     assert_eq!(spikes.binner().origin(), Some(t.first_sample));
@@ -224,7 +224,7 @@ fn source_counts_equal_the_injected_spikes() {
     }
     let last_end = t.first_sample + spike_bins.len() as i64 * spb;
     assert_eq!(total as usize, t.spikes.iter().filter(|s| s.1 < last_end).count());
-    assert_eq!(spikes.binner().stats().late, 0);
+    assert_eq!(spikes.binner().stats().binning.late, 0);
     assert!(spikes.binner().stats().ttl_messages >= 29);
 }
 

@@ -1,8 +1,10 @@
 //! Where bins come from. A source runs on the acquisition thread: it receives or generates
 //! data, bins it, stamps the host receive time, and fills preallocated slots.
 
+pub mod binning;
 pub mod openephys;
 pub mod sim;
+pub mod threshold;
 pub mod zmq_bins;
 
 use crate::pipeline::record::SourceEvent;
