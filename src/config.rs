@@ -41,6 +41,8 @@ pub enum SourceKind {
     Zmq,
     /// The Open Ephys GUI's ZMQ Interface plugin.
     Openephys,
+    /// A Lab Streaming Layer stream (liblsl loaded at run time).
+    Lsl,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +56,39 @@ pub struct SourceConfig {
     pub sim: Option<SimSourceConfig>,
     pub zmq: Option<ZmqSourceConfig>,
     pub openephys: Option<OpenEphysConfig>,
+    pub lsl: Option<LslConfig>,
+}
+
+/// `[source.lsl]`: which stream, and what it carries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LslConfig {
+    /// The stream to take, by one of its name, type or source_id.
+    pub name: Option<String>,
+    #[serde(rename = "type")]
+    pub stream_type: Option<String>,
+    pub source_id: Option<String>,
+    /// "counts" (one sample per bin, one channel per model channel), "continuous" (voltage:
+    /// threshold crossings binned by sample count), or "auto" (counts when the stream's
+    /// nominal rate is the bin rate, continuous when it is higher).
+    #[serde(default = "auto")]
+    pub shape: String,
+    /// Seconds to look for the stream before giving up (and listing what was found).
+    #[serde(default = "resolve_timeout")]
+    pub resolve_timeout_s: f64,
+    /// A marker stream (by name) whose markers become events of the session.
+    pub markers: Option<String>,
+    /// Counts: the largest count a channel may carry (larger is refused as absurd).
+    #[serde(default = "max_count")]
+    pub max_count: f32,
+    /// Continuous: crossing threshold in multiples of the robust noise sd, negative-going.
+    #[serde(default = "threshold")]
+    pub threshold: f32,
+    /// Continuous: seconds of each channel for its noise estimate, before counting starts.
+    #[serde(default = "noise_seconds")]
+    pub noise_seconds: f32,
+    #[serde(default = "refractory_ms")]
+    pub refractory_ms: f32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -383,6 +418,12 @@ fn two() -> usize {
 fn max_count() -> f32 {
     10_000.0
 }
+fn auto() -> String {
+    "auto".into()
+}
+fn resolve_timeout() -> f64 {
+    5.0
+}
 fn continuous() -> String {
     "continuous".into()
 }
@@ -555,9 +596,42 @@ impl RigConfig {
             SourceKind::Sim => ("[source.sim]", s.sim.is_some()),
             SourceKind::Zmq => ("[source.zmq]", s.zmq.is_some()),
             SourceKind::Openephys => ("[source.openephys]", s.openephys.is_some()),
+            SourceKind::Lsl => ("[source.lsl]", s.lsl.is_some()),
         };
         if !present {
             return Err(Error::Config { path: self.path.clone(), msg: format!("source kind needs a {needed} table") });
+        }
+        if let Some(l) = &s.lsl {
+            let by = [&l.name, &l.stream_type, &l.source_id].iter().filter(|v| v.is_some()).count();
+            if by != 1 {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: "[source.lsl] names the stream by exactly one of name, type or source_id".into(),
+                });
+            }
+            if !["auto", "counts", "continuous"].contains(&l.shape.as_str()) {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: format!("[source.lsl] shape = '{}': expected auto, counts or continuous", l.shape),
+                });
+            }
+            if !(l.resolve_timeout_s.is_finite() && l.resolve_timeout_s > 0.0) {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: format!(
+                        "[source.lsl] resolve_timeout_s = {}: expected a positive number",
+                        l.resolve_timeout_s
+                    ),
+                });
+            }
+            for (k, v) in [("threshold", l.threshold), ("noise_seconds", l.noise_seconds), ("max_count", l.max_count)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(Error::Config {
+                        path: self.path.clone(),
+                        msg: format!("[source.lsl] {k} = {v}: expected a positive number"),
+                    });
+                }
+            }
         }
         if let Some(oe) = &s.openephys {
             if oe.mode != "continuous" && oe.mode != "spikes" {
@@ -580,6 +654,12 @@ impl RigConfig {
                     self.calibration.seconds.span(),
                     format!("calibration of {secs} s is {bins:.0} bins; the Kalman fit needs at least 100"),
                 ));
+            }
+            if s.kind == SourceKind::Lsl {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: "the lsl source carries no behaviour to calibrate on: set [model] path".into(),
+                });
             }
             if s.kind == SourceKind::Openephys {
                 return Err(Error::Config {

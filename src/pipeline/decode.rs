@@ -234,6 +234,7 @@ impl Decode {
                 step_ns,
                 sent_ns,
                 predict_ns,
+                source_ns: slot.source_ns,
                 dims: d.min(MAX_BEHAVIOR) as u8,
                 has_truth: slot.has_behavior,
                 behavior: [0.0; MAX_BEHAVIOR],

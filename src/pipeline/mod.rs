@@ -113,6 +113,8 @@ pub struct RunSummary {
     pub control: Option<String>,
     /// What the run was told to do against its own checks (explicit overrides).
     pub warnings: Vec<String>,
+    /// Where the source says a bin ended -> sent (LSL: its timestamps on the host clock).
+    pub source_to_publish: Option<StageSummary>,
 }
 
 pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
@@ -135,11 +137,10 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     let backend = dec_opts.map_or(crate::gpu::Backend::Cpu, |o| o.backend);
     let mut header = setup::header(cfg, behavior_dims, None, setup::decoder_ref(cfg, backend));
-    let mut session = {
-        let max_latents = cfg.record.max_latents.max(loaded.as_ref().map_or(0, |(m, _)| m.latents()));
-        setup::open_session(cfg, &header, max_latents)?
-    };
-    let log = setup::source_log(log_tx, session.as_ref());
+    // The sources' refusals, warnings and markers for the session (whose folder is made
+    // only once nothing more can be refused).
+    let (events_tx, events_rx) = crossbeam_channel::bounded(4096);
+    let log = setup::source_log(log_tx, cfg.session_dir().map(|_| events_tx));
     let ctx = zmq::Context::new();
     let source = setup::build_source(cfg, &ctx, behavior_dims, &counters, &log)?;
     if source.channels() != channels {
@@ -166,6 +167,10 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
             Some((sock, bound))
         }
         false => None,
+    };
+    let mut session = {
+        let max_latents = cfg.record.max_latents.max(loaded.as_ref().map_or(0, |(m, _)| m.latents()));
+        setup::open_session(cfg, &header, max_latents, events_rx)?
     };
     if session.is_none() && !opts.quiet {
         eprintln!("note: [record] enabled = false: this session is not recorded");
@@ -460,6 +465,9 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         session_records,
         control: control_endpoint,
         warnings,
+        source_to_publish: (!st.source_to_publish.is_empty()).then(|| {
+            StageSummary::of("source_to_publish", "the source's end of the bin -> sent", &st.source_to_publish)
+        }),
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     std::fs::write(reports.join("summary.json"), json).map_err(|e| Error::io(&reports, e))?;

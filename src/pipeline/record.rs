@@ -234,12 +234,21 @@ pub enum ToRecorder {
     Finish(serde_json::Value),
 }
 
-/// A refusal or warning of a source, for the session (sent by [`super::source::RejectLog`]).
+/// What a source reports for the session (sent by [`super::source::RejectLog`]).
 #[derive(Clone, Copy, Debug)]
 pub struct SourceEvent {
     pub t_ns: u64,
-    pub warning: bool,
+    pub kind: SourceEventKind,
     pub text: FixedText,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceEventKind {
+    /// A refused message and why.
+    Rejected,
+    Warning,
+    /// A marker of the source's own (an LSL marker stream), at its time.
+    Marker,
 }
 
 /// What `run` holds of the recorder: the thread's inputs.
@@ -305,8 +314,12 @@ impl Recorder {
                 }
             }
             while let Ok(e) = self.rejects.try_recv() {
-                let kind = if e.warning { "source_warning" } else { "rejected" };
-                self.writer.event(serde_json::json!({"kind": kind, "t_ns": e.t_ns, "reason": e.text.as_str()}));
+                let (kind, key) = match e.kind {
+                    SourceEventKind::Rejected => ("rejected", "reason"),
+                    SourceEventKind::Warning => ("source_warning", "reason"),
+                    SourceEventKind::Marker => ("marker", "label"),
+                };
+                self.writer.event(serde_json::json!({"kind": kind, "t_ns": e.t_ns, key: e.text.as_str()}));
             }
             let mut any = false;
             for k in 0..self.ends.len() {

@@ -121,6 +121,21 @@ pub fn build_source(
             .map_err(bad)?;
             Ok(Box::new(s))
         }
+        SourceKind::Lsl => {
+            let l = cfg.source.lsl.as_ref().expect("validated");
+            let api = source::lsl::ffi::find(&source::lsl::ffi::search_dirs(&cfg.path)).map_err(bad)?;
+            let s = source::lsl::LslSource::open(
+                &api,
+                l,
+                channels,
+                *cfg.source.bin_ms.get_ref(),
+                counters.clone(),
+                log.clone(),
+            )
+            .map_err(|e| bad(format!("[source.lsl]: {e}")))?;
+            eprintln!("lsl: {} via {} (liblsl {}), shape {:?}", s.description(), api.path, api.version(), s.shape());
+            Ok(Box::new(s))
+        }
         SourceKind::Openephys => {
             let o = cfg.source.openephys.as_ref().expect("validated");
             let set = source::openephys::Settings::new(o, channels, *cfg.source.bin_ms.get_ref()).map_err(bad)?;
@@ -245,29 +260,35 @@ pub struct Session {
     pub recording: Recording,
     pub decode_tap: RecordTap,
     pub acquire_tap: RecordTap,
-    pub source_events: crossbeam_channel::Sender<SourceEvent>,
 }
 
-pub fn open_session(cfg: &RigConfig, header: &Header, max_latents: usize) -> Result<Option<Session>> {
+pub fn open_session(
+    cfg: &RigConfig,
+    header: &Header,
+    max_latents: usize,
+    source_events: crossbeam_channel::Receiver<SourceEvent>,
+) -> Result<Option<Session>> {
     let Some(dir) = cfg.session_dir() else { return Ok(None) };
     let (writer, note) = SessionWriter::create(&dir, header)?;
     if let Some(n) = note {
         eprintln!("note: {n}");
     }
     let floats = header.channels + 2 * header.behavior_dims + 2 * max_latents;
-    let (tx, rx) = crossbeam_channel::bounded(4096);
     let (recorder, mut taps, recording) =
-        record::recorder(writer, &[(cfg.record.ring_capacity, floats), (64, floats)], rx);
+        record::recorder(writer, &[(cfg.record.ring_capacity, floats), (64, floats)], source_events);
     let acquire_tap = taps.pop().expect("two taps");
     let decode_tap = taps.pop().expect("two taps");
-    Ok(Some(Session { recorder, recording, decode_tap, acquire_tap, source_events: tx }))
+    Ok(Some(Session { recorder, recording, decode_tap, acquire_tap }))
 }
 
-/// The source's log, with every refusal also going to the session.
-pub fn source_log(tx: crossbeam_channel::Sender<source::LogLine>, session: Option<&Session>) -> RejectLog {
+/// The source's log, with every refusal, warning and marker also going to the session.
+pub fn source_log(
+    tx: crossbeam_channel::Sender<source::LogLine>,
+    session: Option<crossbeam_channel::Sender<SourceEvent>>,
+) -> RejectLog {
     let log = RejectLog::new(tx);
     match session {
-        Some(s) => log.recording(s.source_events.clone()),
+        Some(s) => log.recording(s),
         None => log,
     }
 }

@@ -23,6 +23,8 @@ pub struct TimingRecord {
     pub sent_ns: u64,
     /// Duration of the predict done ahead of this bin (off the critical path).
     pub predict_ns: u64,
+    /// When the source says the bin ended, on the host clock (0: it does not say).
+    pub source_ns: u64,
     pub dims: u8,
     pub has_truth: bool,
     pub behavior: [f32; MAX_BEHAVIOR],
@@ -111,6 +113,8 @@ impl StageSummary {
 
 pub struct Stats {
     pub hists: Vec<Histogram<u64>>,
+    /// Source's end of the bin -> sent, for sources that timestamp on the host's clock (LSL).
+    pub source_to_publish: Histogram<u64>,
     /// Since the last snapshot.
     interval: Vec<Histogram<u64>>,
     pub r2: RunningR2,
@@ -123,6 +127,7 @@ impl Stats {
     pub fn new(bin_ns: u64) -> Self {
         Stats {
             hists: STAGES.iter().map(|_| hist()).collect(),
+            source_to_publish: hist(),
             interval: STAGES.iter().map(|_| hist()).collect(),
             r2: RunningR2::default(),
             bin_ns,
@@ -144,6 +149,9 @@ impl Stats {
             let v = (*v).max(1);
             let _ = self.hists[i].record(v);
             let _ = self.interval[i].record(v);
+        }
+        if r.source_ns > 0 {
+            let _ = self.source_to_publish.record(r.sent_ns.saturating_sub(r.source_ns).max(1));
         }
         if values[4] > self.bin_ns {
             self.deadline_misses += 1;
@@ -202,6 +210,9 @@ impl Stats {
         std::fs::create_dir_all(dir)?;
         for ((name, _), h) in STAGES.iter().zip(&self.hists) {
             std::fs::write(dir.join(format!("latency-{name}.hgrm")), hgrm(h))?;
+        }
+        if !self.source_to_publish.is_empty() {
+            std::fs::write(dir.join("latency-source_to_publish.hgrm"), hgrm(&self.source_to_publish))?;
         }
         std::fs::write(dir.join("latency.svg"), svg(&self.hists))?;
         Ok(())
@@ -329,6 +340,7 @@ mod tests {
             step_ns: 40_000,
             sent_ns: 50_000,
             predict_ns: 7000,
+            source_ns: 0,
             dims: 0,
             has_truth: false,
             behavior: [0.0; MAX_BEHAVIOR],

@@ -2,12 +2,13 @@
 //! data, bins it, stamps the host receive time, and fills preallocated slots.
 
 pub mod binning;
+pub mod lsl;
 pub mod openephys;
 pub mod sim;
 pub mod threshold;
 pub mod zmq_bins;
 
-use crate::pipeline::record::SourceEvent;
+use crate::pipeline::record::{SourceEvent, SourceEventKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub struct BinSlot {
     /// How the counts were sent: the LLBN dtype code, or `session::DTYPE_BINNED` for bins a
     /// source made itself.
     pub dtype: u8,
+    /// Host CLOCK_MONOTONIC ns at which the source says the bin ended (LSL timestamps,
+    /// clock-corrected); 0 when the source does not say.
+    pub source_ns: u64,
 }
 
 impl BinSlot {
@@ -63,6 +67,7 @@ impl BinSlot {
             has_behavior: false,
             wire_flags: 0,
             dtype: crate::session::DTYPE_BINNED,
+            source_ns: 0,
         }
     }
 }
@@ -234,10 +239,14 @@ impl RejectLog {
         self.record = Some(record);
         self
     }
-    fn to_record(&self, warning: bool, text: FixedText) {
+    fn to_record(&self, kind: SourceEventKind, t_ns: u64, text: FixedText) {
         if let Some(r) = &self.record {
-            let _ = r.try_send(SourceEvent { t_ns: crate::pipeline::clock::monotonic_ns(), warning, text });
+            let _ = r.try_send(SourceEvent { t_ns, kind, text });
         }
+    }
+    /// A marker of the source's (at its own time): into the session only.
+    pub fn marker(&self, t_ns: u64, text: FixedText) {
+        self.to_record(SourceEventKind::Marker, t_ns, text);
     }
     /// Counts a refused message and returns its reason (for the bin's record); the first
     /// few are also sent to the terminal.
@@ -248,14 +257,14 @@ impl RejectLog {
         if self.logged.fetch_add(1, Ordering::Relaxed) < LOGGED_REJECTS {
             let _ = self.tx.try_send(LogLine::Rejected(text));
         }
-        self.to_record(false, text);
+        self.to_record(SourceEventKind::Rejected, crate::pipeline::clock::monotonic_ns(), text);
         text
     }
     pub fn warn(&self, what: impl FnOnce(&mut FixedText) -> std::fmt::Result) {
         let mut text = FixedText::new();
         let _ = what(&mut text);
         let _ = self.tx.try_send(LogLine::Warning(text));
-        self.to_record(true, text);
+        self.to_record(SourceEventKind::Warning, crate::pipeline::clock::monotonic_ns(), text);
     }
 }
 
