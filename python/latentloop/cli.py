@@ -1,4 +1,4 @@
-"""`python -m latentloop`: export-nwb, nwb-to-npz, session-info.
+"""`python -m latentloop`: export-nwb, nwb-to-npz, session-info, import-xfads.
 
 Bad input (a missing folder, a file that is not a session or not NWB, a bad option) is
 reported as one line `error: ...` on stderr with exit status 2, never a traceback: these
@@ -84,6 +84,27 @@ def _parser():
         "it ended cleanly (damage is named by chunk and byte)."))
     i.add_argument("session", metavar="SESSION")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    x = sub.add_parser("import-xfads", help="convert an xfads checkpoint into a latentloop model file", description=(
+        "Reads CHECKPOINT (a PyTorch Lightning .ckpt, a torch.save'd state_dict .pt, or a .safetensors state dict) "
+        "with numpy, without torch and without running anything its pickle names, and writes MODEL.safetensors: "
+        "the tensors of one xfads model that latentloop maps, under their xfads names without the prefix, and the "
+        "metadata the weights cannot give (dt, rmsnorm, likelihood, dynamics, samples, xfads_prefix). The backward "
+        "encoder (it reads future bins) and the filter's copies are dropped; an input network or any tensor "
+        "latentloop does not map refuses the import. What was taken and dropped is said on stderr."),
+        epilog="A .safetensors input's own metadata (dt, rmsnorm, likelihood, samples) stands in for a missing "
+               "option, and must agree with a given one.")
+    x.add_argument("checkpoint", metavar="CHECKPOINT", help="a Lightning .ckpt, a state_dict .pt or a .safetensors")
+    x.add_argument("--out", metavar="MODEL.safetensors", required=True, help="the model file to write (replaced)")
+    x.add_argument("--dt", type=float, metavar="SECONDS", help="bin width in seconds, xfads's cfg.bin_sz "
+                   "(required: no checkpoint saves it)")
+    x.add_argument("--prefix", metavar="PREFIX", help="the model to take, by its names' prefix, e.g. 'ssm.' "
+                   "(default: the only one; '' for names without one)")
+    x.add_argument("--rmsnorm", choices=["true", "false"], help="xfads's cfg.use_layer_norm; required for GRU "
+                   "dynamics (it leaves no trace in the weights), false for linear and diffusion")
+    x.add_argument("--likelihood", choices=["poisson", "gaussian", "bernoulli"], help="the observation model; "
+                   "required unless it is Gaussian (Poisson and Bernoulli have the same tensors)")
+    x.add_argument("--samples", type=int, metavar="S", help="samples per bin for the decoder's filter (default 32)")
     return p
 
 
@@ -108,6 +129,17 @@ def _convert(a):
     arrays = convert(a.input, a.out, a.bin_ms, units=a.units, behavior=a.behavior, start=a.start, stop=a.stop)
     keys = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if k in ("spikes", "behavior", "trial_starts"))
     print(f"wrote {a.out}: {keys}, dt {float(arrays['dt'])}")
+    return 0
+
+
+def _import_xfads(a):
+    from .xfads_import import import_xfads
+
+    res = import_xfads(a.checkpoint, a.out, dt=a.dt, rmsnorm=None if a.rmsnorm is None else a.rmsnorm == "true",
+                       likelihood=a.likelihood, samples=a.samples, prefix=a.prefix)
+    for n in res.notes:
+        print(f"note: {n}", file=sys.stderr)
+    print(f"wrote {a.out}: {res.summary}")
     return 0
 
 
@@ -185,7 +217,9 @@ def main(argv=None):
     a = _parser().parse_args(argv)
     from .session import SessionError
 
-    known = [SessionError]
+    from .xfads_import import XfadsImportError
+
+    known = [SessionError, XfadsImportError]
     try:
         from .nwb import ExportError
         from .nwb_to_npz import ConvertError
@@ -193,7 +227,8 @@ def main(argv=None):
     except ImportError:  # pragma: no cover (the modules import pynwb lazily)
         pass
     try:
-        return {"export-nwb": _export, "nwb-to-npz": _convert, "session-info": _info}[a.command](a)
+        return {"export-nwb": _export, "nwb-to-npz": _convert, "session-info": _info,
+                "import-xfads": _import_xfads}[a.command](a)
     except tuple(known) as e:
         _say_error(e)
     except OSError as e:
