@@ -89,6 +89,11 @@ pub struct LslConfig {
     pub noise_seconds: f32,
     #[serde(default = "refractory_ms")]
     pub refractory_ms: f32,
+    /// A shortfall of samples against the timestamps larger than this (and 3 samples) is a
+    /// gap. LSL carries no sample numbers, and an outlet that stamps at push time shows its
+    /// own scheduling stalls as late timestamps: smaller losses than this go unflagged.
+    #[serde(default = "gap_tolerance_ms")]
+    pub gap_tolerance_ms: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -433,6 +438,9 @@ fn threshold() -> f32 {
 fn noise_seconds() -> f32 {
     2.0
 }
+fn gap_tolerance_ms() -> f64 {
+    50.0
+}
 fn refractory_ms() -> f32 {
     1.0
 }
@@ -622,6 +630,12 @@ impl RigConfig {
                         "[source.lsl] resolve_timeout_s = {}: expected a positive number",
                         l.resolve_timeout_s
                     ),
+                });
+            }
+            if !(l.gap_tolerance_ms.is_finite() && l.gap_tolerance_ms >= 0.0) {
+                return Err(Error::Config {
+                    path: self.path.clone(),
+                    msg: format!("[source.lsl] gap_tolerance_ms = {}: expected >= 0", l.gap_tolerance_ms),
                 });
             }
             for (k, v) in [("threshold", l.threshold), ("noise_seconds", l.noise_seconds), ("max_count", l.max_count)] {

@@ -40,6 +40,7 @@ k = 0
 skip = plan.get("skip", {})  # sample index -> samples of the timeline to leave out
 shift = 0
 markers = {int(i): m for i, m in plan.get("marker_at", {}).items()}
+late = {int(i): m for i, m in plan.get("late", {}).items()}
 restart_at = plan.get("restart_at")  # the outlet goes away here and comes back (same source_id)
 while k < len(data):
     if k == restart_at:
@@ -57,7 +58,9 @@ while k < len(data):
     n = min(chunk, len(data) - k)
     for i in range(k, k + n):
         shift += skip.get(str(i), 0)
-    stamps = [t0 + (i + shift) / rate for i in range(k, k + n)]
+    # late: {start: n}: samples start..start+n stamped as sample start+n (a push-stamping
+    # outlet that stalled for n sample periods, then caught up).
+    stamps = [t0 + (next((s + m for s, m in late.items() if s <= i < s + m), i) + shift) / rate for i in range(k, k + n)]
     while pylsl.local_clock() < stamps[-1]:
         time.sleep(0.0002)
     block = data[k:k + n].astype(np.float32)
@@ -103,15 +106,19 @@ impl Drop for Kill {
 /// Runs the outlet with `plan` and latentloop with `config` until the outlet is done and
 /// `decoded` bins are decoded (asked over the control socket), then stops the run.
 fn play(dir: &Path, env: &(PathBuf, PathBuf, PathBuf), plan: Value, config: &Path, decoded: u64) -> Value {
-    let (py, lib, cfg) = env;
     let plan_path = dir.join("plan.json");
     std::fs::write(&plan_path, plan.to_string()).unwrap();
     let outlet_py = dir.join("outlet.py");
     std::fs::write(&outlet_py, OUTLET).unwrap();
+    play_outlet(dir, env, &[s(&outlet_py), s(&plan_path)], config, decoded)
+}
+
+/// [`play`] with the outlet given as the Python script and its arguments.
+fn play_outlet(dir: &Path, env: &(PathBuf, PathBuf, PathBuf), outlet: &[&str], config: &Path, decoded: u64) -> Value {
+    let (py, lib, cfg) = env;
     let outlet = Kill(
         Command::new(py)
-            .arg(&outlet_py)
-            .arg(&plan_path)
+            .args(outlet)
             .env("LSLAPICFG", cfg)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("outlet.stderr")).unwrap())
@@ -239,8 +246,8 @@ fn lsl_counts_are_decoded_like_eval() {
     assert!(session.events_of("marker").count() == 0);
 }
 
-/// A gap in the timestamps, a NaN sample and markers: the gap is reported (GAP with the
-/// samples missing), the NaN bin refused and answered, each marker an event in the
+/// A gap in the timestamps, a stall of the outlet, a NaN sample and markers: the gap is
+/// reported (GAP with the samples missing), the stall is not, the NaN bin refused and answered, each marker an event in the
 /// session; the session replays identically.
 #[test]
 fn lsl_gaps_nan_and_markers_are_handled() {
@@ -255,7 +262,7 @@ fn lsl_gaps_nan_and_markers_are_handled() {
         &[s(&npy)],
     );
     let plan = json!({"name": "ll-faults", "type": "Counts", "channels": 8, "rate": 1000.0, "data": s(&npy),
-        "skip": {"200": 25}, "markers": "ll-marks", "marker_at": {"50": "trial 1 start", "250": "trial 2 start"}});
+        "skip": {"200": 80}, "late": {"100": 30}, "markers": "ll-marks", "marker_at": {"50": "trial 1 start", "250": "trial 2 start"}});
     let sum = play(&dir, &env, plan, &cfg, 300);
     let session = Session::open(dir.join("reports/session")).unwrap();
     assert!(session.clean(), "{}", session.status());
@@ -265,11 +272,15 @@ fn lsl_gaps_nan_and_markers_are_handled() {
     let at = |seq: u64| outs.iter().find(|b| b.fields.seq == seq).unwrap_or_else(|| panic!("no seq {seq}"));
     assert_eq!(at(120).fields.out_flags & FLAG_REJECTED, FLAG_REJECTED);
     assert_eq!(at(120).fields.kind, 2);
-    // Sample 200 came 25 sample periods late: seq 225, 25 missing before it.
-    let g = at(225);
-    assert_eq!((g.fields.out_flags & FLAG_GAP, g.fields.dropped_before), (FLAG_GAP, 25));
-    assert_eq!(outs.last().unwrap().fields.seq, 324);
-    assert_eq!(sum["counters"]["missing"], 25, "{sum}");
+    // Sample 200 came 80 sample periods late (over the 50 ms tolerance): seq 280, 80
+    // missing before it.
+    // Samples 100..129 stamped 30 ms late at once (a stall of the outlet, under the
+    // tolerance): no gap, nothing counted missing.
+    assert!((100..=130).all(|s| at(s).fields.out_flags & FLAG_GAP == 0));
+    let g = at(280);
+    assert_eq!((g.fields.out_flags & FLAG_GAP, g.fields.dropped_before), (FLAG_GAP, 80));
+    assert_eq!(outs.last().unwrap().fields.seq, 379);
+    assert_eq!(sum["counters"]["missing"], 80, "{sum}");
     assert_eq!(sum["counters"]["rejected"], 1, "{sum}");
     let labels: Vec<&str> = session.events_of("marker").map(|e| e["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["trial 1 start", "trial 2 start"]);
@@ -373,6 +384,37 @@ json.dump(planted, open(sys.argv[2], "w"))
         }
     }
     assert!(checked > 100, "only {checked} planted spikes fell in decoded bins");
+}
+
+/// examples/python/lsl_outlet.py, as the README runs it: a simulated session's counts and
+/// markers; every bin decoded once with exactly the session's counts, a marker every 0.5 s.
+#[test]
+fn lsl_the_example_outlet_plays_a_session() {
+    let dir = common::tmpdir("lsl-example");
+    let Some(env) = lsl_env(&dir) else { return };
+    small_random_model(&dir.join("model.safetensors"), 4, 8, &["--dt", "0.02"]);
+    let npz = dir.join("play.npz");
+    let out = Command::new(common::bin())
+        .args(["simulate", "--system", "lorenz", "--neurons", "8", "--bins", "100", "--seed", "1", "--out", s(&npz)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cfg = config(&dir, 20.0, 8, "name = \"ll-example\"\nmarkers = \"ll-example-markers\"");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/lsl_outlet.py");
+    let args =
+        [s(&script), s(&npz), "--name", "ll-example", "--markers", "ll-example-markers", "--marker-every", "0.5"];
+    play_outlet(&dir, &env, &args, &cfg, 100);
+    let session = Session::open(dir.join("reports/session")).unwrap();
+    let bins = session.all_bins().unwrap();
+    let outs = decoded(&bins);
+    assert_eq!(outs.len(), 100);
+    let spikes = latentloop::data::Dataset::read_npz(&npz).unwrap().spikes;
+    for (k, b) in outs.iter().enumerate() {
+        assert_eq!(b.fields.seq, k as u64);
+        assert_eq!(b.arrays().counts, spikes.row(k), "bin {k}");
+    }
+    let labels: Vec<&str> = session.events_of("marker").map(|e| e["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["trial 1 start", "trial 2 start", "trial 3 start", "trial 4 start"]);
 }
 
 /// No such stream: refused before start, naming what was looked for and what was found.

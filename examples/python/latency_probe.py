@@ -22,7 +22,12 @@ Example (latentloop running a config whose [source.zmq] endpoint is tcp://127.0.
 channels = 128, [output] endpoint = tcp://127.0.0.1:5560):
     python3 latency_probe.py --channels 128 --rate 1000 --seconds 20 --json probe.json
 
-Needs numpy and pyzmq only.
+With --lsl NAME the bins go out as samples of an LSL outlet instead (pylsl; latentloop
+running `[source] kind = "lsl"`, shape counts, `[source.lsl] name = NAME`): the same
+report, for the same model, so the two inputs can be set side by side
+(scripts/measure-lsl.sh). `zmq_in` is then send -> latentloop's receive through liblsl.
+
+Needs numpy and pyzmq (and pylsl for --lsl).
 """
 
 import argparse
@@ -44,10 +49,12 @@ except ImportError:  # not installed: use the package in this checkout (<repo>/p
     from latentloop import wire  # noqa: E402
 
 
-def wait_ready(xpub, mon, timeout_s):
-    """Waits for both: latentloop's subscription on our XPUB (its SUB connected) and our
-    SUB's handshake with latentloop's PUB. Returns what is still missing ('' when ready)."""
-    subscribed = connected = False
+def wait_ready(xpub, mon, timeout_s, outlet=None):
+    """Waits for both: latentloop's subscription on our XPUB (its SUB connected; with LSL,
+    its inlet on our outlet) and our SUB's handshake with latentloop's PUB. Returns what is
+    still missing ('' when ready)."""
+    subscribed = outlet is not None and outlet.wait_for_consumers(timeout_s)
+    connected = False
     deadline = time.monotonic() + timeout_s
     poller = zmq.Poller()
     poller.register(xpub, zmq.POLLIN)
@@ -81,10 +88,22 @@ def percentiles(values_ns):
     }
 
 
+def zmq_send(sock, dtype):
+    def send(k, counts):
+        sock.send(wire.encode_bin(k, counts, source_ts=k, flags=wire.FLAG_STREAM_START if k == 0 else 0, dtype=dtype))
+    return send
+
+
+def lsl_send(outlet):
+    def send(_k, counts):
+        outlet.push_sample(counts.astype(np.float32))  # stamped by liblsl at the push
+    return send
+
+
 class Sender(threading.Thread):
-    def __init__(self, sock, n, rate, channels, mean_count, seed, dtype, spin_ns, stop):
+    def __init__(self, send, n, rate, channels, mean_count, seed, dtype, spin_ns, stop):
         super().__init__(name="sender", daemon=True)
-        self.sock, self.n, self.period = sock, n, int(round(1e9 / rate))
+        self.send, self.n, self.period = send, n, int(round(1e9 / rate))
         self.channels, self.mean_count, self.dtype, self.spin_ns = channels, mean_count, dtype, spin_ns
         self.rng = np.random.default_rng(seed)
         self.stop = stop
@@ -98,14 +117,13 @@ class Sender(threading.Thread):
         for k in range(self.n):
             if self.stop.is_set():
                 break
-            msg = wire.encode_bin(k, self.rng.poisson(self.mean_count, self.channels), source_ts=k,
-                                  flags=wire.FLAG_STREAM_START if k == 0 else 0, dtype=self.dtype)
+            counts = self.rng.poisson(self.mean_count, self.channels)
             deadline = self.t0 + k * self.period
             while (left := deadline - time.monotonic_ns()) > 0:
                 if left > self.spin_ns:
                     time.sleep((left - self.spin_ns) / 1e9)
             self.send_ns[k] = time.monotonic_ns()  # just before the send: <= latentloop's recv_ns
-            self.sock.send(msg)
+            self.send(k, counts)
             self.deadline_ns[k] = deadline
             self.sent = k + 1
 
@@ -133,6 +151,8 @@ def main(argv=None):
     p.add_argument("--drain", type=float, default=0.5, help="seconds to wait for the last outputs")
     p.add_argument("--connect-timeout", type=float, default=30.0)
     p.add_argument("--json", help="write the report here instead of stdout")
+    p.add_argument("--lsl", metavar="NAME", help="send the bins as an LSL outlet of this name (pylsl) "
+                   "instead of on --in-endpoint")
     a = p.parse_args(argv)
     if a.rate <= 0 or a.seconds <= 0:
         p.error("--rate and --seconds must be positive")
@@ -142,14 +162,21 @@ def main(argv=None):
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.SNDHWM, 1_000_000)
     xpub.setsockopt(zmq.LINGER, 0)
-    xpub.bind(a.in_endpoint)
+    outlet = None
+    if a.lsl:
+        import pylsl
+
+        info = pylsl.StreamInfo(a.lsl, "Counts", a.channels, a.rate, pylsl.cf_float32, a.lsl + "-probe")
+        outlet = pylsl.StreamOutlet(info, chunk_size=1)
+    else:
+        xpub.bind(a.in_endpoint)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 1_000_000)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.LINGER, 0)
     mon = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     sub.connect(a.out_endpoint)
-    missing = wait_ready(xpub, mon, a.connect_timeout)
+    missing = wait_ready(xpub, mon, a.connect_timeout, outlet)
     sub.disable_monitor()
     mon.close(0)
     if missing:
@@ -160,7 +187,8 @@ def main(argv=None):
     n = int(round(a.seconds * a.rate))
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    sender = Sender(xpub, n, a.rate, a.channels, a.mean_count, a.seed, a.dtype, int(a.spin_us * 1e3), stop)
+    send = lsl_send(outlet) if outlet is not None else zmq_send(xpub, a.dtype)
+    sender = Sender(send, n, a.rate, a.channels, a.mean_count, a.seed, a.dtype, int(a.spin_us * 1e3), stop)
     sender.start()
     outputs = []  # (seq, flags, dropped_before, recv_ns, publish_ns, client_ns)
     done_at = None

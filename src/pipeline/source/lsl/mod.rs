@@ -4,8 +4,8 @@
 //!
 //! Shapes (`[source.lsl] shape`, or from the stream's metadata with "auto"):
 //! - counts: one LSL sample per bin, one channel per model channel. Sequence numbers count
-//!   samples; a gap in timestamps (more than 1.5 sample periods) advances them by the
-//!   samples missing, so the decoder sees the gap (GAP, predicted through). NaN or absurd
+//!   samples; a gap in timestamps (a shortfall of more than `gap_tolerance_ms`, default
+//!   50 ms, against the nominal rate) advances them by the samples missing, so the decoder sees the gap (GAP, predicted through). NaN or absurd
 //!   counts are refused and answered, like the zmq source's.
 //! - continuous: voltage at the stream's rate, threshold crossings binned by sample count
 //!   (src/pipeline/source/binning.rs and threshold.rs, as for Open Ephys). A gap in
@@ -69,6 +69,7 @@ pub struct LslSource {
     shape: Shape,
     channels: usize,
     max_count: f32,
+    gap_tolerance_s: f64,
     log: RejectLog,
     counters: Arc<Counters>,
     warned: Once,
@@ -182,6 +183,7 @@ impl LslSource {
             shape,
             channels,
             max_count: cfg.max_count,
+            gap_tolerance_s: cfg.gap_tolerance_ms / 1000.0,
             log,
             counters,
             warned: Once::default(),
@@ -303,7 +305,7 @@ impl LslSource {
     /// is read from the timestamps against the nominal rate: the samples the clock says
     /// should have come since an anchor, against those that did. Timestamps jitter (an
     /// outlet that stamps at push time), so only a shortfall of more than
-    /// max(3 samples, 5 ms) is a gap; the anchor follows a stream that runs fast at once and
+    /// max(3 samples, `gap_tolerance_ms`) is a gap; the anchor follows a stream that runs fast at once and
     /// one that runs slow over ~1000 samples, so a clock off its nominal rate is not a gap.
     fn missing_before(&mut self, ts: f64) -> u64 {
         let sr = self.desc.srate;
@@ -317,7 +319,7 @@ impl LslSource {
         let n = n_ref + 1;
         let expected = (ts - t_ref) * sr;
         let behind = expected - n as f64;
-        let tolerance = (0.005 * sr).max(3.0);
+        let tolerance = (self.gap_tolerance_s * sr).max(3.0);
         if behind > tolerance {
             let k = behind.round() as u64;
             self.stats.gaps += 1;
