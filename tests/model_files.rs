@@ -105,9 +105,11 @@ fn xfads_checkpoint_names_load_into_the_same_model() {
     x.insert("ssm.likelihood_pdf.readout_fn.1.weight", t("readout.c"));
     x.insert("ssm.likelihood_pdf.readout_fn.1.bias", t("readout.b"));
     x.insert("ssm.backward_encoder.projection.bias", Tensor::vector(vec![0.0; 12]));
-    // Without dt / rmsnorm the file is refused with what to add.
+    // Without the metadata the weights cannot give, refused with how to make it.
     let e = load_err(&x, "xfads-nometa.safetensors");
-    assert!(e.contains("add metadata 'dt'"), "{e}");
+    assert!(e.contains("without metadata 'likelihood'") && e.contains("import-xfads"), "{e}");
+    x.set_meta("likelihood", "poisson");
+    x.set_meta("dynamics", "gru");
     x.set_meta("dt", "0.02");
     let e = load_err(&x, "xfads-norms.safetensors");
     assert!(e.contains("'rmsnorm'"), "{e}");
