@@ -243,17 +243,23 @@ extern "C" __global__ void __launch_bounds__(512)
 
     // s_bad: some entry of the potential is not finite. Set with atomicOr and read only
     // after the barrier (a plain store would race with another thread's read of the flag).
-    __shared__ int s_ok, s_bad;
+    // s_out: the new mean or lag-1 mean is not finite (an update that broke down late);
+    // s_mp: the prediction is not finite (both as Filter::step).
+    __shared__ int s_ok, s_bad, s_out, s_mp;
     __shared__ float s_sum;
     if (tid == 0) {
         s_ok = 1;
         s_bad = 0;
+        s_out = 0;
+        s_mp = 0;
     }
     __syncthreads();
     if (has_data) {
         for (int t = tid; t < (R + 1) * L; t += nt)
             if (!isfinite(k[t])) atomicOr(&s_bad, 1);
     }
+    for (int i = tid; i < L; i += nt)
+        if (!isfinite(mpb[i])) atomicOr(&s_mp, 1);
     __syncthreads();
     bool ok = has_data && s_bad == 0;
     if (ok) {
@@ -261,7 +267,7 @@ extern "C" __global__ void __launch_bounds__(512)
         for (int j = 0; j < R; ++j) {
             if (tid == 0) {
                 const float s = u.A[j * R + j] - ll_dot(u.A + j * R, 1, u.A + j * R, 1, j);
-                if (isnan(s) || s <= 0.0f) {
+                if (!isfinite(s) || s <= 0.0f) {
                     s_ok = 0;
                 } else {
                     u.A[j * R + j] = sqrtf(s);
@@ -332,6 +338,13 @@ extern "C" __global__ void __launch_bounds__(512)
                 o_lag[i] = mold[i] + nzv;
             }
         }
+        __syncthreads();
+        for (int i = tid; i < L; i += nt)
+            if (!isfinite(u.mf[i]) || !isfinite(o_lag[i])) atomicOr(&s_out, 1);
+        __syncthreads();
+        ok = s_out == 0;
+    }
+    if (ok) {
         if (tid == 0) {
             const float tr = ll_sum_seq(u.Li, R * R, true);
             float ld = 0.0f;
@@ -346,9 +359,9 @@ extern "C" __global__ void __launch_bounds__(512)
         __syncthreads();  // every read of the old mean is done
         for (int i = tid; i < L; i += nt) mb[i] = u.mf[i];
     } else {
-        // No information: q_t is the predictive (m = m_p, lag-1 = m_{t-1}); a failed update
-        // restarts from the prior (m = lag-1 = m0).
-        const bool reset = has_data;
+        // No information: q_t is the predictive (m = m_p, lag-1 = m_{t-1}); a failed update,
+        // or a prediction that is not finite, restarts from the prior (m = lag-1 = m0).
+        const bool reset = has_data || s_mp != 0;
         for (int i = tid; i < L; i += nt) {
             const float lag = reset ? m0b[i] : mold[i];
             const float mn = reset ? m0b[i] : mpb[i];

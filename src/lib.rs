@@ -18,6 +18,8 @@ pub mod error;
 pub mod eval;
 pub mod filter;
 pub mod fit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gpu;
 pub mod kalman;
 pub mod math;

@@ -78,15 +78,29 @@ fn same(what: &str, t: usize, a: &[f32], b: &[f32]) -> Result<(), String> {
 }
 
 fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: bool) -> Result<usize, String> {
-    let opts = FilterOptions { samples: None, seed: 42 };
-    let mut cpu = Filter::new(m.clone(), opts);
-    let mut emu = GpuFilter::emulated(lib, m.clone(), opts, reverse)?;
     let data = common::comparison_bins(
         m.channels(),
         count,
         matches!(m.readout, latentloop::model::Readout::Gaussian { .. }),
         13,
     );
+    let (updates, resets) = compare_on(lib, m, &data, reverse)?;
+    if count > 20 && resets != 1 {
+        return Err(format!("expected the absurd bin 20 to reset the filter once, saw {resets} resets"));
+    }
+    Ok(updates)
+}
+
+/// Steps both filters through `data`, bit for bit; (updates, resets).
+fn compare_on(
+    lib: &std::path::Path,
+    m: Arc<XfadsModel>,
+    data: &[Option<Vec<f32>>],
+    reverse: bool,
+) -> Result<(usize, usize), String> {
+    let opts = FilterOptions { samples: None, seed: 42 };
+    let mut cpu = Filter::new(m.clone(), opts);
+    let mut emu = GpuFilter::emulated(lib, m.clone(), opts, reverse)?;
     let (mut updates, mut resets) = (0, 0);
     for (t, y) in data.iter().enumerate() {
         let a: StepInfo = Decoder::step(&mut emu, y.as_deref()).map_err(|e| format!("emulated bin {t}: {e}"))?;
@@ -101,10 +115,48 @@ fn compare(lib: &std::path::Path, m: Arc<XfadsModel>, count: usize, reverse: boo
         same("behaviour", t, Decoder::behavior(&emu), Decoder::behavior(&cpu))?;
         same("samples", t, &emu.sample_matrix()?, cpu.sample_matrix())?;
     }
-    if count > 20 && resets != 1 {
-        return Err(format!("expected the absurd bin 20 to reset the filter once, saw {resets} resets"));
+    Ok((updates, resets))
+}
+
+/// The breakdowns the property tests found (tests/properties.rs): an update that is finite
+/// up to the Cholesky pivot and overflows after it, and a prediction carried out of range by
+/// the dynamics in a bin without data. The kernels reset exactly where the CPU filter does.
+#[test]
+fn emulated_kernels_reset_where_the_cpu_filter_does() {
+    use latentloop::model::{build, Card, ReadoutKind};
+    let Some(lib) = emulator() else { return };
+    let card = Card {
+        latents: 3,
+        channels: 6,
+        dt: 0.02,
+        samples: 8,
+        dynamics: DynamicsKind::Node,
+        hidden: 8,
+        rmsnorm: false,
+        substeps: 2,
+        update: UpdateKind::PoissonLaplace,
+        rank: 6,
+        encoder_hidden: 8,
+        readout: ReadoutKind::Poisson,
+        readout_latents: 3,
+        behavior_dims: 2,
+    };
+    let m = Arc::new(XfadsModel::compile(&build::random(&card, 3, 0.2, 0.5)).unwrap());
+    let ones = || Some(vec![1.0f32; 6]);
+    let huge = |v: f32| Some((0..6).map(|i| if i == 0 { v } else { 1.0 }).collect::<Vec<f32>>());
+    let runs: Vec<Vec<Option<Vec<f32>>>> = vec![
+        vec![Some(vec![1000.0; 6]), ones(), ones()],
+        vec![huge(1e4), Some(vec![0.0; 6]), huge(f32::MAX), None, None, ones(), ones()],
+        vec![Some(vec![10.0, 7.0, 17.0, 5.0, 6.0, 5.0]), ones(), ones(), ones(), ones(), ones()],
+    ];
+    let mut total = 0;
+    for (i, data) in runs.iter().enumerate() {
+        for reverse in [false, true] {
+            let (_, resets) = compare_on(&lib, m.clone(), data, reverse).unwrap_or_else(|e| panic!("run {i}: {e}"));
+            total += resets;
+        }
     }
-    Ok(updates)
+    assert!(total >= 6, "every run resets at least once ({total} resets)");
 }
 
 /// Odd shapes that cross the 32-wide tiles and the 16-term threshold of the eight-way dot

@@ -224,7 +224,9 @@ impl Filter {
             None => false,
         };
         if !ok {
-            if y.is_some() {
+            // A failed update, or a prediction that is no longer finite (the dynamics carried
+            // an extreme state out of range): start over from the prior, flagged.
+            if y.is_some() || !crate::math::all_finite(&self.mp) {
                 info.predict_only = true;
                 info.reset = true;
             }
@@ -323,6 +325,13 @@ impl Filter {
             for ((out, zb), m) in self.lag1.iter_mut().zip(&self.zbar).zip(&self.m) {
                 *out = m + (*out - zb * inv_s * sum_v) * scale;
             }
+        }
+
+        // An update whose mean or lag-1 mean is not finite (finite but extreme inputs, a state
+        // run far out) broke down too: the state is not committed. Checked before the draws,
+        // which overwrite e (the failure path needs it).
+        if !(crate::math::all_finite(&self.mf) && crate::math::all_finite(&self.lag1)) {
+            return false;
         }
 
         // Exact posterior draws: z_s = m_f + e_s - P_p K A^-1 (K^T e_s + w_s), w_s drawn in

@@ -22,7 +22,7 @@ pub fn cholesky(a: &mut [f32], n: usize) -> Result<(), NotPositiveDefinite> {
             let (ri, rj) = (i * n, j * n);
             let s = a[ri + j] - dot(&a[ri..ri + j], &a[rj..rj + j]);
             if i == j {
-                if s.is_nan() || s <= 0.0 {
+                if !(s.is_finite() && s > 0.0) {
                     return Err(NotPositiveDefinite { row: i, pivot: s });
                 }
                 a[ri + i] = s.sqrt();

@@ -37,6 +37,7 @@ use ringbuf::HeapRb;
 use serde::Serialize;
 use source::{BinSlot, Counters, LogLine};
 use stats::{StageSummary, Stats, TimingRecord};
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -370,8 +371,8 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     let status = crate::progress::bar(0, opts.quiet, "{spinner} {msg}");
     let (mut last_status, mut last_snapshot) = (Instant::now(), Instant::now());
     std::fs::create_dir_all(&reports).map_err(|e| Error::io(&reports, e))?;
-    let snap_path = reports.join("snapshots.jsonl");
-    let mut snapshots = String::new();
+    // Appended line by line: an hour's run holds none of them in memory.
+    let mut snapshots = std::fs::File::create(reports.join("snapshots.jsonl")).ok();
     let deadline = opts.seconds.map(Duration::from_secs_f64);
     loop {
         while let Some(r) = stats_cons.try_pop() {
@@ -419,9 +420,9 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
                 "behavior_r2": st.r2.value(),
                 "interval": st.take_interval(),
             });
-            snapshots.push_str(&snap.to_string());
-            snapshots.push('\n');
-            let _ = std::fs::write(&snap_path, &snapshots);
+            if let Some(f) = snapshots.as_mut() {
+                let _ = writeln!(f, "{snap}");
+            }
         }
         std::thread::sleep(Duration::from_millis(2));
     }

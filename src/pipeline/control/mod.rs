@@ -257,10 +257,9 @@ impl Control {
 
     /// The request as logged (the text when it is not JSON) and the reply.
     fn handle(&mut self, msg: &[u8]) -> (Value, Value) {
-        let parsed: std::result::Result<Value, String> =
-            serde_json::from_slice(msg).map_err(|e| format!("the request is not JSON: {e}"));
-        let logged = parsed.clone().unwrap_or_else(|_| Value::String(String::from_utf8_lossy(msg).into_owned()));
-        let reply = match parsed.and_then(|v| Request::parse(&v)) {
+        let logged =
+            serde_json::from_slice(msg).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(msg).into_owned()));
+        let reply = match parse_request(msg) {
             Ok(req) => match self.execute(req) {
                 Ok(mut r) => {
                     r["ok"] = true.into();
@@ -501,4 +500,11 @@ pub fn check_fits(
         return Err(format!("the model decodes {} behaviour dims, the run {behavior_dims}", model.behavior_dims()));
     }
     Ok(())
+}
+
+/// A request's bytes as the control thread reads them: JSON, then one request (fuzzed:
+/// src/fuzzing.rs).
+pub(crate) fn parse_request(msg: &[u8]) -> std::result::Result<Request, String> {
+    let v: Value = serde_json::from_slice(msg).map_err(|e| format!("the request is not JSON: {e}"))?;
+    Request::parse(&v)
 }
