@@ -73,3 +73,45 @@ for t in ["ipc", "tcp"]:
     r = next(x for x in s["stages"] if x["stage"] == "receive_to_publish")
     print(f"| {t} | latentloop, receive -> publish | {r['count']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['p999_us']:.0f} | {r['max_us']:.0f} | {s['deadline_misses']} | {s['counters']['skipped'] + s['counters']['missing']} |")
 PY
+# Where the tail goes (ipc run): the session's per-bin times split the bins into those that
+# found the decoder idle (it had published the previous bin and predicted ahead before this
+# one arrived) and those that queued behind earlier bins. An idle bin's receive -> publish
+# is latentloop's own work and the machine's stalls: its p99.9 against the jitter floor's
+# p99.9 is latentloop's ratio. A queued bin also waits for the bins ahead of it: the
+# arrivals' burstiness (the client's), shown against an ideal stall-free decoder of the same
+# median work fed the same arrival times.
+"$py" - "$out" <<'PY'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, "python")
+from latentloop.session import read_session, DECODED
+out = sys.argv[1]
+j = json.load(open(f"{out}/jitter.json"))
+floor = j["ideal_decoder"]["p999_us"]
+s = read_session(f"{out}/ipc-reports/session")
+dec = s.field("decision") == DECODED
+recv, pop, step, pub = (s.field(k)[dec].astype(np.int64) for k in ("recv_ns", "pop_ns", "step_ns", "publish_ns"))
+summ = json.load(open(f"{out}/ipc-reports/summary.json"))
+pred = next(x for x in summ["stages"] if x["stage"] == "predict_ahead")["p50_us"] * 1e3
+rp = (pub - recv) / 1e3
+idle = np.zeros(len(recv), bool)
+idle[1:] = recv[1:] >= pub[:-1] + pred
+work = np.median(pub[idle] - pop[idle])
+ideal = np.empty(len(recv))
+t = 0.0
+for i, r in enumerate(recv):
+    t = max(float(r), t + pred) + work
+    ideal[i] = t
+ideal_rp = (ideal - recv) / 1e3
+q = lambda v: (np.percentile(v, 50), np.percentile(v, 99), np.percentile(v, 99.9))
+print()
+print("| bins (ipc) | count | receive -> publish p50 / p99 / p99.9 us | p99.9 / floor p99.9 |")
+print("|---|---|---|---|")
+for name, sel in [("all", np.ones(len(rp), bool)), ("found the decoder idle", idle), ("queued behind earlier bins", ~idle)]:
+    if sel.sum():
+        a, b, c = q(rp[sel])
+        print(f"| {name} | {sel.sum()} | {a:.0f} / {b:.0f} / {c:.0f} | {c / floor:.2f} |")
+a, b, c = q(ideal_rp)
+print(f"| ideal decoder, same arrivals, {work / 1e3:.0f} us work + {pred / 1e3:.0f} us prediction, no stalls | {len(rp)} | {a:.0f} / {b:.0f} / {c:.0f} | {c / floor:.2f} |")
+print(f"\nfloor (latentloop jitter, same script): p99.9 {floor:.0f} us")
+PY

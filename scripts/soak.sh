@@ -3,7 +3,7 @@
 # H=128), fed by a pyzmq client (examples/python/latency_probe.py) for SECONDS, recording
 # on. Every 10 s it samples the process's resident memory and asks the control socket for
 # the counters. At the end: bins sent, answered and lost (each loss attributed), RSS after
-# the first minute and at the end, latency per window (10 min, or SECONDS/3 for short runs),
+# warm-up (the control history full, plus a minute) and at the end, latency per window (10 min, or SECONDS/3 for short runs),
 # and a replay of the whole session, which must be identical. Exits non-zero if a check fails:
 # a loss latentloop did not report, RSS growth over 1 MiB after warm-up, a replay that differs.
 #
@@ -13,8 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-3600}"
 py="${LATENTLOOP_PYTHON:-.venv/bin/python}"
-out="${SOAK_DIR:-target/soak}"
+out="$(realpath -m "${SOAK_DIR:-target/soak}")"
 window="${WINDOW:-$(( secs >= 1800 ? 600 : (secs / 3 > 0 ? secs / 3 : 1) ))}"
+# The control thread keeps the last history_seconds of bins (for calibrate and adapt):
+# ~800 B a bin at 128 channels, so RSS grows until it is full. Warm-up is that, plus a
+# minute; short runs keep 5 s of history so that they reach it.
+history="${HISTORY:-$(( secs >= 600 ? 120 : 5 ))}"
+warm=$(( history + 60 < secs / 2 ? history + 60 : secs / 2 ))
 rm -rf "$out"
 mkdir -p "$out"
 ll="${LATENTLOOP_BIN:-target/release/latentloop}"
@@ -27,14 +32,16 @@ kind = "zmq"
 bin_ms = 1.0
 channels = 128
 [source.zmq]
-endpoint = "ipc://$PWD/$out/in.sock"
+endpoint = "ipc://$out/in.sock"
 [model]
 path = "standard.safetensors"
 [output]
-endpoint = "ipc://$PWD/$out/out.sock"
+endpoint = "ipc://$out/out.sock"
 [reports]
 dir = "reports"
 snapshot_seconds = $window
+[control]
+history_seconds = $history
 TOML
 "$ll" run "$out/soak.toml" --seconds $((secs + 60)) --quiet 2> "$out/latentloop.stderr" &
 pid=$!
@@ -46,6 +53,8 @@ import zmq
 pid, out = int(sys.argv[1]), sys.argv[2]
 ep_file = f"{out}/reports/control.endpoint"
 while not os.path.exists(ep_file):
+    if not os.path.exists(f"/proc/{pid}"):
+        sys.exit("latentloop ended before its control socket was up")
     time.sleep(0.1)
 ctx = zmq.Context()
 s = ctx.socket(zmq.REQ)
@@ -70,24 +79,24 @@ with open(f"{out}/samples.jsonl", "w") as f:
 PY
 sampler=$!
 sleep 1
-"$py" examples/python/latency_probe.py --channels 128 --in-endpoint "ipc://$PWD/$out/in.sock" \
-    --out-endpoint "ipc://$PWD/$out/out.sock" --rate 1000 --seconds "$secs" --warmup 2 --window "$window" \
+"$py" examples/python/latency_probe.py --channels 128 --in-endpoint "ipc://$out/in.sock" \
+    --out-endpoint "ipc://$out/out.sock" --rate 1000 --seconds "$secs" --warmup 2 --window "$window" \
     --json "$out/probe.json"
 kill -INT "$pid"
 wait "$pid"
 trap - EXIT
 wait "$sampler" || true
 "$ll" replay "$out/reports/session" --quiet 2> "$out/replay.stderr" || true
-"$py" - "$out" "$secs" <<'PY'
+"$py" - "$out" "$secs" "$warm" <<'PY'
 import json, sys
-out, secs = sys.argv[1], float(sys.argv[2])
+out, secs, warm = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 p = json.load(open(f"{out}/probe.json"))
 s = json.load(open(f"{out}/reports/summary.json"))
 c = s["counters"]
 samples = [json.loads(l) for l in open(f"{out}/samples.jsonl")]
 replay = open(f"{out}/replay.stderr").read().strip().splitlines()
 replay = replay[-1] if replay else "(no output)"
-after_warm = [x for x in samples if x["t_s"] >= 60] or samples[len(samples) // 2:]
+after_warm = [x for x in samples if x["t_s"] >= warm] or samples[-1:]
 rss_warm, rss_end = after_warm[0]["rss_kib"], samples[-1]["rss_kib"]
 lost = p["lost"]
 fails = []
