@@ -25,6 +25,10 @@ pub struct RigConfig {
     pub record: RecordConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    /// Shadow decoders (`[[decoder]]`): more models decoding the same bins beside the
+    /// driving one (`[model]`), each publishing on its own socket.
+    #[serde(default, rename = "decoder")]
+    pub decoders: Vec<ShadowConfig>,
     /// The file this came from (for messages and relative paths).
     #[serde(skip)]
     pub path: PathBuf,
@@ -194,6 +198,30 @@ impl Default for ModelConfig {
         ModelConfig { path: None, samples: None, seed: 0, backend: backend(), allow_bin_width_mismatch: false }
     }
 }
+
+/// A `[[decoder]]` entry: a shadow decoder. It decodes every bin the driving decoder
+/// decoded, on the shadow thread after the driver has published, and publishes its own
+/// outputs; its session is recorded under `<session>/shadows/<name>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Names its reports and its session folder: letters, digits, '-' and '_'.
+    pub name: Spanned<String>,
+    /// The model file (XFADS or Kalman), for the same channels, bin width and behaviour.
+    pub model: Spanned<String>,
+    /// Its own PUB endpoint, tcp:// or ipc://.
+    pub output: Spanned<String>,
+    /// Filter samples S (default: the model card's).
+    pub samples: Option<usize>,
+    /// The filter's noise seed (default: the [model] seed).
+    pub seed: Option<u64>,
+    /// cpu | cuda | auto, as in [model].
+    #[serde(default = "backend")]
+    pub backend: String,
+}
+
+/// At most this many shadow decoders: each costs a step per bin on the shadow thread.
+pub const MAX_SHADOWS: usize = 8;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -590,6 +618,57 @@ impl RigConfig {
         Ok(())
     }
 
+    /// The `[[decoder]]` entries: names usable as folder names and unique, outputs their own,
+    /// model files that exist, options in range.
+    fn validate_shadows(&self) -> Result<()> {
+        if self.decoders.len() > MAX_SHADOWS {
+            let span = self.decoders[MAX_SHADOWS].name.span();
+            return Err(self.error_at(span, format!("at most {MAX_SHADOWS} [[decoder]] entries")));
+        }
+        for (i, d) in self.decoders.iter().enumerate() {
+            let name = d.name.get_ref();
+            let fine = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+                return Err(self.error_at(
+                    d.name.span(),
+                    format!("[[decoder]] name = '{name}': use 1 to 64 letters, digits, '-' or '_' (it names a folder)"),
+                ));
+            }
+            let out = d.output.get_ref();
+            if out == &self.output.endpoint {
+                return Err(self.error_at(
+                    d.output.span(),
+                    format!("[[decoder]] '{name}' publishes on {out}, the driving decoder's [output] endpoint"),
+                ));
+            }
+            for e in &self.decoders[..i] {
+                if e.name.get_ref() == name {
+                    return Err(self.error_at(d.name.span(), format!("a second [[decoder]] named '{name}'")));
+                }
+                if e.output.get_ref() == out {
+                    return Err(self.error_at(
+                        d.output.span(),
+                        format!("[[decoder]] '{name}' publishes on {out}, as '{}' does", e.name.get_ref()),
+                    ));
+                }
+            }
+            let full = self.resolve(d.model.get_ref());
+            if !full.is_file() {
+                return Err(self.error_at(d.model.span(), format!("model file {} does not exist", full.display())));
+            }
+            if let Some(n) = d.samples.filter(|&n| n < 2) {
+                return Err(self.error_at(d.name.span(), format!("[[decoder]] '{name}': samples = {n}, at least 2")));
+            }
+            if !["cpu", "cuda", "auto"].contains(&d.backend.as_str()) {
+                return Err(self.error_at(
+                    d.name.span(),
+                    format!("[[decoder]] '{name}': backend = '{}': expected cpu, cuda or auto", d.backend),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.source;
         let bin_ms = *s.bin_ms.get_ref();
@@ -745,6 +824,7 @@ impl RigConfig {
             return Err(Error::Config { path: self.path.clone(), msg: "[control] history_seconds must be > 0".into() });
         }
         self.validate_numbers()?;
+        self.validate_shadows()?;
         if self.record.ring_capacity < 16 {
             return Err(Error::Config { path: self.path.clone(), msg: "[record] ring_capacity must be >= 16".into() });
         }
@@ -763,6 +843,38 @@ mod tests {
 
     fn parse(t: &str) -> Result<RigConfig> {
         RigConfig::parse(t, Path::new("/tmp/x.toml"))
+    }
+
+    #[test]
+    fn shadow_decoders_are_checked_before_start() {
+        let model = std::env::temp_dir().join("latentloop-config-shadow.safetensors");
+        std::fs::write(&model, b"x").unwrap();
+        let entry = |name: &str, out: &str| {
+            format!("[[decoder]]\nname = \"{name}\"\nmodel = \"{}\"\noutput = \"{out}\"\n", model.display())
+        };
+        let two = format!("{GOOD}{}{}", entry("a", "ipc:///tmp/a"), entry("b", "ipc:///tmp/b"));
+        let c = parse(&two).unwrap();
+        assert_eq!((c.decoders.len(), c.decoders[1].backend.as_str(), c.decoders[1].seed), (2, "cpu", None));
+        let e = parse(&format!("{GOOD}{}{}", entry("a", "ipc:///tmp/a"), entry("a", "ipc:///tmp/b")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a second [[decoder]] named 'a'") && e.contains("line 12"), "{e}");
+        let e = parse(&format!("{GOOD}{}{}", entry("a", "ipc:///tmp/a"), entry("b", "ipc:///tmp/a")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("publishes on ipc:///tmp/a, as 'a' does"), "{e}");
+        let e = parse(&format!("{GOOD}{}", entry("../up", "ipc:///tmp/a"))).unwrap_err().to_string();
+        assert!(e.contains("name = '../up'") && e.contains("names a folder"), "{e}");
+        let e = parse(&format!("{GOOD}{}", entry("a", "tcp://127.0.0.1:5560"))).unwrap_err().to_string();
+        assert!(e.contains("the driving decoder's [output] endpoint"), "{e}");
+        let e = parse(&format!("{GOOD}{}", entry("a", "ipc:///tmp/a").replace(&model.display().to_string(), "/nope")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model file /nope does not exist"), "{e}");
+        let e = parse(&format!("{GOOD}{}samples = 1\n", entry("a", "ipc:///tmp/a"))).unwrap_err().to_string();
+        assert!(e.contains("samples = 1, at least 2"), "{e}");
+        let e = parse(&format!("{GOOD}{}colour = 1\n", entry("a", "ipc:///tmp/a"))).unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("colour"), "{e}");
     }
 
     #[test]

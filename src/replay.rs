@@ -23,10 +23,10 @@ use crate::error::{Error, Result};
 use crate::filter::FilterOptions;
 use crate::gpu::Backend;
 use crate::kalman::KalmanMode;
-use crate::pipeline::source::{BinSlot, Counters, SlotKind};
+use crate::pipeline::source::{BinSlot, Counters};
 use crate::pipeline::step::{Outcome, Step};
 use crate::session::read::{BinRecord, Session};
-use crate::session::{Decision, BIT_HAS_BEHAVIOR, BIT_RESTART};
+use crate::session::{Decision, BIT_HAS_BEHAVIOR};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -261,7 +261,8 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport> {
             let dec = decoder.as_mut().ok_or_else(|| {
                 Error::data(dir, format!("record {index} was decoded before any decoder was applied"))
             })?;
-            fill_slot(&mut slot, &rec);
+            let a = rec.arrays();
+            slot.refill(&rec.fields, a.counts, a.behavior_in);
             let start = Instant::now();
             let outcome = step.apply(&mut **dec, &slot, rec.fields.skipped, &counters);
             step_secs += start.elapsed().as_secs_f64();
@@ -295,21 +296,6 @@ pub fn replay(dir: &Path, opts: &ReplayOptions) -> Result<ReplayReport> {
         write_outputs(path, &outs, decoder.as_deref())?;
     }
     Ok(report)
-}
-
-fn fill_slot(slot: &mut BinSlot, rec: &BinRecord) {
-    let f = &rec.fields;
-    slot.seq = f.seq;
-    slot.source_ts = f.source_ts;
-    slot.recv_ns = f.recv_ns;
-    slot.push_ns = f.push_ns;
-    slot.restart = f.bits & BIT_RESTART != 0;
-    slot.kind = match f.kind {
-        0 => SlotKind::Data,
-        1 => SlotKind::NoData,
-        _ => SlotKind::Rejected,
-    };
-    slot.counts.copy_from_slice(rec.arrays().counts);
 }
 
 fn compare(rec: &BinRecord, decision: Decision, outcome: &Outcome, dec: &dyn Decoder, report: &mut ReplayReport) {

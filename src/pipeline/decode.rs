@@ -12,6 +12,9 @@
 //! restart in the backlog is not lost (the bin kept from the restarted stream is decoded as
 //! its first, with RESTART|RESET, and the bins skipped before it in `dropped_before`).
 //!
+//! Each decoded bin also goes, after it was published, to the control thread (recent bins
+//! for calibration) and to the shadow decoders, through taps of the same kind.
+//!
 //! Every bin it takes, and what became of it (decoded and published, skipped, dropped as
 //! stale or out of order), goes to the recorder thread as a copy in a preallocated slot
 //! ([`RecordTap`]); a full ring costs a counted record, never a wait.
@@ -47,6 +50,8 @@ pub struct Decode {
     pub changes: Option<Inbox>,
     /// Every decoded bin to the control thread too (calibrate, adaptation).
     pub feed: Option<RecordTap>,
+    /// ...and to the shadow decoders (pipeline/shadow.rs), after it was published.
+    pub shadow: Option<RecordTap>,
     pub counters: Arc<Counters>,
     pub stop: Arc<AtomicBool>,
     pub waiter: Waiter,
@@ -258,7 +263,7 @@ impl Decode {
                 publish_ns,
                 output_dropped,
             };
-            for tap in [self.record.as_mut(), self.feed.as_mut()].into_iter().flatten() {
+            for tap in [self.record.as_mut(), self.feed.as_mut(), self.shadow.as_mut()].into_iter().flatten() {
                 tap.bin(&slot, Decision::Decoded, caught.skipped, pop_ns, Some(&p));
             }
             expected_ns = Some(slot.recv_ns + self.bin_ns);

@@ -24,6 +24,7 @@ pub mod hot_path;
 pub mod jitter;
 pub mod record;
 pub mod setup;
+pub mod shadow;
 pub mod source;
 pub mod stats;
 pub mod step;
@@ -116,6 +117,8 @@ pub struct RunSummary {
     pub warnings: Vec<String>,
     /// Where the source says a bin ended -> sent (LSL: its timestamps on the host clock).
     pub source_to_publish: Option<StageSummary>,
+    /// The shadow decoders (`[[decoder]]`), each with its counters, latency and session.
+    pub shadows: Vec<shadow::ShadowSummary>,
 }
 
 pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
@@ -150,6 +153,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         );
     }
     let out = setup::output_socket(cfg, &ctx)?;
+    let prepared_shadows = shadow::prepare(cfg, &ctx, behavior_dims)?;
     let reports = cfg.resolve(&cfg.reports.dir);
     let control_sock = match cfg.control.enabled {
         true => {
@@ -338,8 +342,42 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         threads.start_control(move || ctl.run())?;
         (changes, feed) = (Some(inbox), Some(tap));
     }
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let bin_ns = (cfg.bin_seconds() * 1e9) as u64;
+    // The shadow decoders: their thread, their sessions, the decode thread's feed to them.
+    let mut shadow_sessions = Vec::new();
+    let shadow_tap = if prepared_shadows.is_empty() {
+        None
+    } else {
+        let max_latents = cfg.record.max_latents.max(decoder.latents());
+        let floats = channels + 2 * behavior_dims + 2 * max_latents;
+        let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // A second of bins: a shadow that falls further behind loses bins (counted, GAP).
+        let (tap, feed) = record::tap(((1.0 / cfg.bin_seconds()) as usize).clamp(64, 8192), floats, lost.clone());
+        let mut shadows = Vec::new();
+        for p in prepared_shadows {
+            let tap = match &recording {
+                Some(r) => {
+                    let (t, rec) = shadow::open_session(cfg, &r.dir, &p, behavior_dims, &mut threads)?;
+                    shadow_sessions.push(rec);
+                    Some(t)
+                }
+                None => None,
+            };
+            shadows.push(shadow::Shadow::new(p, bin_ns, cfg.pipeline.max_predict_gap, tap));
+        }
+        let shadow_stop = Arc::new(AtomicBool::new(false));
+        let t = shadow::ShadowThread {
+            feed,
+            lost,
+            shadows,
+            stop: shadow_stop.clone(),
+            slot: BinSlot::new(channels, behavior_dims),
+            bin_ns,
+        };
+        threads.start_shadows(shadow_stop, move || t.run())?;
+        Some(tap)
+    };
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
     let dec = decode::Decode {
         decoder,
         ring: ring_cons,
@@ -349,6 +387,7 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         record: decode_tap,
         changes,
         feed,
+        shadow: shadow_tap,
         counters: counters.clone(),
         stop: stop.clone(),
         waiter: wait::Waiter::new(Duration::from_micros(cfg.pipeline.spin_us), bin_ns),
@@ -434,6 +473,31 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     let lost = recording.as_ref().map_or(0, |r| r.lost.load(Ordering::Relaxed));
     let counter_summary = CounterSummary::read(&counters, lost);
+    let shadows = threads.shadows_finished();
+    let shadow_reports: Vec<_> = shadows.iter().map(|f| reports.join("shadows").join(&f.name)).collect();
+    let mut shadow_summaries: Vec<_> = shadows
+        .iter()
+        .zip(&shadow_reports)
+        .enumerate()
+        .map(|(k, (f, dir))| f.summary(dir, shadow_sessions.get(k).map(|r| r.dir.display().to_string()), None))
+        .collect();
+    let shadow_written = threads.finish_shadow_recordings(|k| {
+        serde_json::json!({
+            "kind": "end",
+            "t_ns": clock::monotonic_ns(),
+            "decode_seconds": decode_seconds,
+            "shadow": &shadow_summaries[k],
+        })
+    });
+    for (k, w) in shadow_written.into_iter().enumerate() {
+        match w {
+            Ok(w) => shadow_summaries[k].session_records = Some(w.records),
+            Err(e) => eprintln!("error: shadow '{}': {e}", shadow_summaries[k].name),
+        }
+    }
+    for (f, dir) in shadows.iter().zip(&shadow_reports) {
+        f.stats.write_reports(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let written = threads.finish_recording(serde_json::json!({
         "kind": "end",
         "t_ns": clock::monotonic_ns(),
@@ -469,11 +533,15 @@ pub fn run(cfg: &RigConfig, opts: &RunOptions) -> Result<RunSummary> {
         source_to_publish: (!st.source_to_publish.is_empty()).then(|| {
             StageSummary::of("source_to_publish", "the source's end of the bin -> sent", &st.source_to_publish)
         }),
+        shadows: shadow_summaries,
     };
     let json = serde_json::to_string_pretty(&summary).expect("summary serialises");
     std::fs::write(reports.join("summary.json"), json).map_err(|e| Error::io(&reports, e))?;
     if !opts.quiet {
         eprintln!("{}", st.table());
+        for s in &summary.shadows {
+            eprintln!("{}", shadow::line(s));
+        }
     }
     Ok(summary)
 }

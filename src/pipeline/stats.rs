@@ -31,14 +31,28 @@ pub struct TimingRecord {
     pub truth: [f32; MAX_BEHAVIOR],
 }
 
+/// Names and meanings of the six stages a [`TimingRecord`] is split into.
+pub type Stages = [(&'static str, &'static str); 6];
+
 /// The stages, in the order of one bin's journey.
-pub const STAGES: [(&str, &str); 6] = [
+pub const STAGES: Stages = [
     ("acquire_to_ring", "bin complete -> in the ring"),
     ("ring_wait", "in the ring -> popped by the decoder"),
     ("filter", "popped -> filter step done"),
     ("publish", "encode + zmq send"),
     ("receive_to_publish", "bin complete -> sent (end to end)"),
     ("predict_ahead", "prediction made before the bin arrived (off the critical path)"),
+];
+
+/// The same six times for a shadow decoder (pipeline/shadow.rs): its record's `push_ns` is
+/// when the driving decoder published the bin, `pop_ns` when the shadow thread took it.
+pub const SHADOW_STAGES: Stages = [
+    ("driver_publish", "bin complete -> published by the driving decoder"),
+    ("handoff", "-> taken by the shadow thread"),
+    ("filter", "taken -> the shadow's filter step done"),
+    ("publish", "encode + zmq send"),
+    ("receive_to_publish", "bin complete -> the shadow's output sent"),
+    ("predict_ahead", "the shadow's prediction of the next bin, made after it published"),
 ];
 
 /// A latency histogram: 1 ns .. 100 s at 3 significant digits.
@@ -112,6 +126,7 @@ impl StageSummary {
 }
 
 pub struct Stats {
+    stages: &'static Stages,
     pub hists: Vec<Histogram<u64>>,
     /// Source's end of the bin -> sent, for sources that timestamp on the host's clock (LSL).
     pub source_to_publish: Histogram<u64>,
@@ -125,7 +140,12 @@ pub struct Stats {
 
 impl Stats {
     pub fn new(bin_ns: u64) -> Self {
+        Self::with_stages(bin_ns, &STAGES)
+    }
+
+    pub fn with_stages(bin_ns: u64, stages: &'static Stages) -> Self {
         Stats {
+            stages,
             hists: STAGES.iter().map(|_| hist()).collect(),
             source_to_publish: hist(),
             interval: STAGES.iter().map(|_| hist()).collect(),
@@ -163,17 +183,17 @@ impl Stats {
         self.records += 1;
     }
 
-    fn summarise(hists: &[Histogram<u64>]) -> Vec<StageSummary> {
-        STAGES.iter().zip(hists).map(|((name, meaning), h)| StageSummary::of(name, meaning, h)).collect()
+    fn summarise(&self, hists: &[Histogram<u64>]) -> Vec<StageSummary> {
+        self.stages.iter().zip(hists).map(|((name, meaning), h)| StageSummary::of(name, meaning, h)).collect()
     }
 
     pub fn summary(&self) -> Vec<StageSummary> {
-        Self::summarise(&self.hists)
+        self.summarise(&self.hists)
     }
 
     /// The interval's stages, then starts a new interval.
     pub fn take_interval(&mut self) -> Vec<StageSummary> {
-        let s = Self::summarise(&self.interval);
+        let s = self.summarise(&self.interval);
         self.interval.iter_mut().for_each(|h| h.reset());
         s
     }
@@ -208,13 +228,13 @@ impl Stats {
     /// Writes one `.hgrm` per stage, the SVG plot, and returns the stage summaries.
     pub fn write_reports(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
-        for ((name, _), h) in STAGES.iter().zip(&self.hists) {
+        for ((name, _), h) in self.stages.iter().zip(&self.hists) {
             std::fs::write(dir.join(format!("latency-{name}.hgrm")), hgrm(h))?;
         }
         if !self.source_to_publish.is_empty() {
             std::fs::write(dir.join("latency-source_to_publish.hgrm"), hgrm(&self.source_to_publish))?;
         }
-        std::fs::write(dir.join("latency.svg"), svg(&self.hists))?;
+        std::fs::write(dir.join("latency.svg"), svg(self.stages, &self.hists))?;
         Ok(())
     }
 }
@@ -247,7 +267,7 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 
 /// Latency by percentile for every stage, log-scaled like HdrHistogram's plots
 /// (x: 1/(1-p) from 50% to 99.99%, y: microseconds).
-pub fn svg(hists: &[Histogram<u64>]) -> String {
+pub fn svg(stages: &Stages, hists: &[Histogram<u64>]) -> String {
     let (w, h, ml, mb, mt, mr) = (820.0, 480.0, 70.0, 50.0, 30.0, 210.0);
     let (pw, ph) = (w - ml - mr, h - mt - mb);
     let pct = [0.5, 0.75, 0.9, 0.99, 0.999, 0.9999];
@@ -282,7 +302,7 @@ pub fn svg(hists: &[Histogram<u64>]) -> String {
         mt + ph / 2.0,
         mt + ph / 2.0
     );
-    for (i, ((name, _), hist)) in STAGES.iter().zip(hists).enumerate() {
+    for (i, ((name, _), hist)) in stages.iter().zip(hists).enumerate() {
         if hist.is_empty() {
             continue;
         }
@@ -354,6 +374,6 @@ mod tests {
         assert_eq!(s.deadline_misses, 1);
         let text = hgrm(&s.hists[4]);
         assert!(text.contains("#[Max") && text.contains("Total count    =            2"), "{text}");
-        assert!(svg(&s.hists).contains("<polyline"));
+        assert!(svg(&STAGES, &s.hists).contains("<polyline"));
     }
 }

@@ -70,6 +70,36 @@ impl BinSlot {
             source_ns: 0,
         }
     }
+
+    /// This slot holding a recorded bin again (replay, and the shadow decoders' copy of what
+    /// the driving decoder took): what the per-bin step reads of it. Behaviour is kept when
+    /// the record carries it and it fits.
+    pub fn refill(&mut self, f: &crate::session::BinFields, counts: &[f32], behavior: &[f32]) {
+        self.seq = f.seq;
+        self.source_ts = f.source_ts;
+        self.recv_ns = f.recv_ns;
+        self.push_ns = f.push_ns;
+        self.restart = f.bits & crate::session::BIT_RESTART != 0;
+        self.kind = SlotKind::from_code(f.kind);
+        self.wire_flags = f.wire_flags;
+        self.dtype = f.dtype;
+        self.counts.copy_from_slice(counts);
+        self.has_behavior = f.bits & crate::session::BIT_HAS_BEHAVIOR != 0 && behavior.len() == self.behavior.len();
+        if self.has_behavior {
+            self.behavior.copy_from_slice(behavior);
+        }
+    }
+}
+
+impl SlotKind {
+    /// From a session record's `kind` code (unknown codes read as refused).
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => SlotKind::Data,
+            1 => SlotKind::NoData,
+            _ => SlotKind::Rejected,
+        }
+    }
 }
 
 pub enum Next {
