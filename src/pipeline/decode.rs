@@ -220,7 +220,6 @@ impl Decode {
             let step_ns = monotonic_ns();
 
             let dec = &*self.decoder;
-            let d = dec.behavior_dims();
             output::encode(&header, dec.behavior(), dec.mean(), dec.lag1_mean(), &mut msg);
             let publish_ns = monotonic_ns();
             output::set_publish_ns(&mut msg, publish_ns);
@@ -230,7 +229,7 @@ impl Decode {
             }
             let sent_ns = monotonic_ns();
 
-            let mut rec = TimingRecord {
+            let rec = TimingRecord {
                 seq: slot.seq,
                 flags: header.flags,
                 recv_ns: slot.recv_ns,
@@ -240,29 +239,17 @@ impl Decode {
                 sent_ns,
                 predict_ns,
                 source_ns: slot.source_ns,
-                dims: d.min(MAX_BEHAVIOR) as u8,
-                has_truth: slot.has_behavior,
+                dims: 0,
+                has_truth: false,
                 behavior: [0.0; MAX_BEHAVIOR],
                 truth: [0.0; MAX_BEHAVIOR],
-            };
-            let k = rec.dims as usize;
-            rec.behavior[..k].copy_from_slice(&dec.behavior()[..k]);
-            if slot.has_behavior {
-                rec.truth[..k].copy_from_slice(&slot.behavior[..k.min(slot.behavior.len())]);
             }
+            .with_behavior(dec.behavior(), &slot);
             if self.stats.try_push(rec).is_err() {
                 Counters::add(&c.stats_dropped, 1);
             }
             let header = OutputHeader { publish_ns, ..header };
-            let p = Published {
-                header: &header,
-                behavior: dec.behavior(),
-                latent: dec.mean(),
-                lag1: dec.lag1_mean(),
-                step_ns,
-                publish_ns,
-                output_dropped,
-            };
+            let p = Published::of(&header, dec, step_ns, output_dropped);
             for tap in [self.record.as_mut(), self.feed.as_mut(), self.shadow.as_mut()].into_iter().flatten() {
                 tap.bin(&slot, Decision::Decoded, caught.skipped, pop_ns, Some(&p));
             }

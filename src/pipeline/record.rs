@@ -119,6 +119,21 @@ pub struct Published<'a> {
     pub output_dropped: bool,
 }
 
+impl<'a> Published<'a> {
+    /// What `dec` published with `header`.
+    pub fn of(header: &'a OutputHeader, dec: &'a dyn crate::decoder::Decoder, step_ns: u64, dropped: bool) -> Self {
+        Published {
+            header,
+            behavior: dec.behavior(),
+            latent: dec.mean(),
+            lag1: dec.lag1_mean(),
+            step_ns,
+            publish_ns: header.publish_ns,
+            output_dropped: dropped,
+        }
+    }
+}
+
 impl RecordTap {
     /// The most latents a record can hold (a decoder with more cannot be recorded).
     pub fn max_latents(&self, channels: usize, behavior_dims: usize) -> usize {

@@ -173,20 +173,11 @@ impl Shadow {
         let sent_ns = monotonic_ns();
         let header = output::OutputHeader { publish_ns, ..header };
         if let Some(r) = self.record.as_mut() {
-            let p = Published {
-                header: &header,
-                behavior: dec.behavior(),
-                latent: dec.mean(),
-                lag1: dec.lag1_mean(),
-                step_ns,
-                publish_ns,
-                output_dropped: dropped,
-            };
-            r.bin(slot, Decision::Decoded, skipped, pop_ns, Some(&p));
+            r.bin(slot, Decision::Decoded, skipped, pop_ns, Some(&Published::of(&header, dec, step_ns, dropped)));
         }
         let t = monotonic_ns();
         self.decoder.predict();
-        let mut rec = TimingRecord {
+        let rec = TimingRecord {
             seq: slot.seq,
             flags: header.flags,
             recv_ns: slot.recv_ns,
@@ -196,16 +187,12 @@ impl Shadow {
             sent_ns,
             predict_ns: monotonic_ns() - t,
             source_ns: slot.source_ns,
-            dims: self.decoder.behavior_dims().min(MAX_BEHAVIOR) as u8,
-            has_truth: slot.has_behavior,
+            dims: 0,
+            has_truth: false,
             behavior: [0.0; MAX_BEHAVIOR],
             truth: [0.0; MAX_BEHAVIOR],
-        };
-        let k = rec.dims as usize;
-        rec.behavior[..k].copy_from_slice(&self.decoder.behavior()[..k]);
-        if slot.has_behavior {
-            rec.truth[..k].copy_from_slice(&slot.behavior[..k.min(slot.behavior.len())]);
         }
+        .with_behavior(self.decoder.behavior(), slot);
         self.stats.record(&rec);
     }
 }

@@ -31,6 +31,22 @@ pub struct TimingRecord {
     pub truth: [f32; MAX_BEHAVIOR],
 }
 
+impl TimingRecord {
+    /// Fills in the decoded behaviour (its first [`MAX_BEHAVIOR`] dims) and, when the bin
+    /// carried it, the true behaviour beside it, for the running R^2.
+    pub fn with_behavior(mut self, decoded: &[f32], slot: &super::source::BinSlot) -> Self {
+        let k = decoded.len().min(MAX_BEHAVIOR);
+        self.dims = k as u8;
+        self.has_truth = slot.has_behavior;
+        self.behavior[..k].copy_from_slice(&decoded[..k]);
+        if slot.has_behavior {
+            let t = k.min(slot.behavior.len());
+            self.truth[..t].copy_from_slice(&slot.behavior[..t]);
+        }
+        self
+    }
+}
+
 /// Names and meanings of the six stages a [`TimingRecord`] is split into.
 pub type Stages = [(&'static str, &'static str); 6];
 
