@@ -32,9 +32,7 @@ pub fn load_model(cfg: &RigConfig) -> Result<(Option<Loaded>, Vec<String>)> {
         );
     }
     let mut warnings = Vec::new();
-    // The card's dt is an f32: in ms as an f32 it prints as written (20, not 20.0000003).
-    let (bin_ms, model_ms) = (*cfg.source.bin_ms.get_ref(), (m.dt() * 1e3) as f64);
-    if (bin_ms - model_ms).abs() > 1e-6 * bin_ms.max(model_ms) {
+    if let Some((bin_ms, model_ms)) = bin_width_mismatch(cfg, &m) {
         let what = format!(
             "bin_ms = {bin_ms} but the model {} was made for {model_ms} ms bins: its dynamics and rates are per bin, so at another width it decodes wrongly",
             p.display()
@@ -63,6 +61,14 @@ pub fn load_model(cfg: &RigConfig) -> Result<(Option<Loaded>, Vec<String>)> {
         }
     }
     Ok((Some((m, bytes)), warnings))
+}
+
+/// The run's bin width and the model's, in ms, where they differ (a model decodes wrongly
+/// at another width: its dynamics and rates are per bin).
+pub fn bin_width_mismatch(cfg: &RigConfig, m: &AnyModel) -> Option<(f64, f64)> {
+    // The card's dt is an f32: in ms as an f32 it prints as written (20, not 20.0000003).
+    let (bin_ms, model_ms) = (*cfg.source.bin_ms.get_ref(), (m.dt() * 1e3) as f64);
+    ((bin_ms - model_ms).abs() > 1e-6 * bin_ms.max(model_ms)).then_some((bin_ms, model_ms))
 }
 
 /// Behaviour values per bin: the model's, or (calibrating) the source table's.

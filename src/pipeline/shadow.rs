@@ -72,8 +72,7 @@ fn prepare_one(cfg: &RigConfig, ctx: &zmq::Context, behavior_dims: usize, d: &Sh
             model.channels()
         )));
     }
-    let (bin_ms, model_ms) = (*cfg.source.bin_ms.get_ref(), (model.dt() * 1e3) as f64);
-    if (bin_ms - model_ms).abs() > 1e-6 * bin_ms.max(model_ms) {
+    if let Some((bin_ms, model_ms)) = super::setup::bin_width_mismatch(cfg, &model) {
         return Err(at(format!(
             "the model {} was made for {model_ms} ms bins, the run bins at {bin_ms} ms (a shadow has no override)",
             path.display()
